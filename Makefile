@@ -1,0 +1,32 @@
+# chimein — `make run` does the main job on the embedded default, `make test` runs the tests.
+# Both set everything up on a fresh machine: a virtualenv in .venv, the package, offline assets.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.chimein-installed
+# torch first, pinned: the CPU build lies on local disk here; a bare `torch` would pull CUDA (GBs)
+TORCH ?= torch==2.13.0
+
+.PHONY: setup assets run test clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+assets: setup
+	$(BIN)/chimein assets
+
+run: assets
+	$(BIN)/chimein preprocess --model smollm2-135m-instruct --out outputs/preprocessed
+
+test: assets
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf outputs .pytest_cache

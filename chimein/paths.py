@@ -1,0 +1,26 @@
+"""Where chimein keeps its configuration and its cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def conf_dir() -> Path:
+    """conf/ of the source checkout; an installed wheel carries a copy inside the package."""
+    checkout = _PACKAGE.parent / "conf"
+    return checkout if checkout.is_dir() else _PACKAGE / "conf"
+
+
+def cache_dir() -> Path:
+    """CHIMEIN_CACHE, else the user cache directory (e.g. ~/.cache/chimein)."""
+    from platformdirs import user_cache_dir
+
+    return Path(os.environ.get("CHIMEIN_CACHE") or user_cache_dir("chimein"))
+
+
+def sample_data() -> Path:
+    """The conversations bundled with the package."""
+    return _PACKAGE / "data" / "sample.jsonl"

@@ -1,0 +1,98 @@
+"""JSON Lines of conversations → a tokenized dataset with assistant masks, plus reports.
+
+Writes into the output directory:
+  dataset/        a `datasets.Dataset` (save_to_disk): input_ids, assistant_masks, n_turns,
+                  n_speak, truncated — what SFTTrainer consumes
+  examples.txt    a few rendered conversations with the labelled spans marked ⟦ ⟧
+  rejected.jsonl  every rejected line as read, with its line number and reason
+  summary.json    the counts printed at the end
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from chimein.conversation import LoadReport, Rejection, load_conversations
+from chimein.formatting import TooLong, encode, marker_pattern, show_labelled
+from chimein.presets import load_preset, load_tokenizer
+
+
+@dataclass
+class PreprocessSummary:
+    preset: str
+    data: str
+    out: str
+    max_length: int
+    conversations: int = 0  # rows written
+    rejected: int = 0
+    rejected_by_kind: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0  # conversations that lost trailing turns to fit max_length
+    user_turns: int = 0
+    speak: int = 0
+    silence: int = 0
+    tokens: int = 0
+    labelled_tokens: int = 0
+
+
+def preprocess(preset_name: str, data: str | Path, out: str | Path, max_length: int | None = None,
+               strict: bool = False, n_examples: int = 3, progress: bool = False) -> PreprocessSummary:
+    """Validate, format, tokenize and mask a conversation file for one model preset."""
+    from datasets import Dataset, disable_progress_bars
+    from rich.progress import track
+
+    disable_progress_bars()
+    preset = load_preset(preset_name)
+    max_length = max_length or preset.max_length
+    report: LoadReport = load_conversations(data, strict=strict)
+    tokenizer = load_tokenizer(preset)
+    pattern = marker_pattern(tokenizer, preset)
+
+    summary = PreprocessSummary(preset.name, str(data), str(out), max_length)
+    rejected: list[Rejection] = list(report.rejected)
+    rows = {"input_ids": [], "assistant_masks": [], "n_turns": [], "n_speak": [], "truncated": []}
+    examples = []
+    items = list(zip(report.conversations, report.lines))
+    for conv, line in track(items, description="tokenizing", disable=not progress):
+        try:
+            ex = encode(conv, tokenizer, preset, max_length, pattern)
+        except TooLong as e:
+            rejected.append(Rejection(str(data), line, "too_long", str(e),
+                                      json.dumps(conv.to_json(), ensure_ascii=False)))
+            continue
+        for k in rows:
+            rows[k].append(getattr(ex, k))
+        summary.truncated += ex.truncated
+        summary.user_turns += ex.n_turns
+        summary.speak += ex.n_speak
+        summary.tokens += len(ex.input_ids)
+        summary.labelled_tokens += sum(ex.assistant_masks)
+        if len(examples) < n_examples:
+            examples.append(f"# {data}:{line} — {ex.n_turns} turns, {ex.n_speak} spoken, "
+                            f"{len(ex.input_ids)} tokens, {sum(ex.assistant_masks)} labelled"
+                            f"{' (truncated)' if ex.truncated else ''}\n{show_labelled(ex)}")
+
+    summary.conversations = len(rows["input_ids"])
+    summary.silence = summary.user_turns - summary.speak
+    summary.rejected = len(rejected)
+    summary.rejected_by_kind = dict(sorted(Counter(r.kind for r in rejected).items()))
+    if summary.conversations == 0:
+        raise ValueError(
+            f"{data}: no usable conversation ({summary.rejected} rejected: "
+            f"{summary.rejected_by_kind}); see the reasons with `chimein validate {data}`"
+        )
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    Dataset.from_dict(rows).save_to_disk(str(out / "dataset"))
+    legend = ("Labelled tokens (what the model learns to produce) are wrapped in ⟦ ⟧; "
+              "everything else is context only.\n\n")
+    (out / "examples.txt").write_text(legend + "\n\n".join(examples) + "\n", encoding="utf-8")
+    with (out / "rejected.jsonl").open("w", encoding="utf-8") as f:
+        for r in rejected:
+            f.write(json.dumps({"line": r.line, "kind": r.kind, "problem": r.problem, "raw": r.raw},
+                               ensure_ascii=False) + "\n")
+    (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    return summary
