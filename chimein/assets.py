@@ -124,6 +124,12 @@ def _mistral_tokenizer(dst: Path, eos: str = "</s>", extra: tuple[str, ...] = ()
                        special_tokens=True)
     tok.eos_token = eos
     tok.save_pretrained(dst)
+    # transformers' LlamaTokenizer rebuilds its pre-tokenizer from `legacy` on load (as the Hub's
+    # Mistral/Zephyr configs set it); without it "<s>[INST]" loses its "▁" and the ids change.
+    config_path = dst / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["legacy"] = True
+    config_path.write_text(json.dumps(config, indent=2))
 
 
 def build_zephyr_tokenizer(dst: Path) -> None:
@@ -195,14 +201,14 @@ class Asset:
 
 
 ASSETS: dict[str, Asset] = {
-    "zephyr-tokenizer": Asset(build_zephyr_tokenizer, has_weights=False),
-    "openchat-tokenizer": Asset(build_openchat_tokenizer, has_weights=False),
+    "zephyr-tokenizer": Asset(build_zephyr_tokenizer, has_weights=False, version=2),
+    "openchat-tokenizer": Asset(build_openchat_tokenizer, has_weights=False, version=2),
     "llama-2-tokenizer": Asset(build_llama2_tokenizer, has_weights=False),
     "smollm2-135m-instruct": Asset(build_smollm2, has_weights=True),
     "tiny-zephyr": Asset(lambda d: _tiny_model("zephyr-tokenizer", "mistral", d), True,
-                         ("zephyr-tokenizer",)),
+                         ("zephyr-tokenizer",), version=2),
     "tiny-openchat": Asset(lambda d: _tiny_model("openchat-tokenizer", "mistral", d), True,
-                           ("openchat-tokenizer",)),
+                           ("openchat-tokenizer",), version=2),
     "tiny-llama-2": Asset(lambda d: _tiny_model("llama-2-tokenizer", "llama", d), True,
                           ("llama-2-tokenizer",)),
     "tiny-chatml": Asset(lambda d: _tiny_model("smollm2-135m-instruct", "llama", d), True,

@@ -57,10 +57,11 @@ def chat_turns(conversation: Conversation, pattern: re.Pattern) -> list[dict]:
     for i, m in enumerate(msgs):
         if m.role != "user":
             continue
-        name = neutralize(normalize_name(m.name or ""), pattern)
-        turns.append({"role": "user", "content": f"{name}: {neutralize(m.content, pattern)}"})
+        # neutralise the whole turn: a name and its ": " together can spell a marker
+        user = f"{normalize_name(m.name or '')}: {m.content}"
+        turns.append({"role": "user", "content": neutralize(user, pattern)})
         reply = msgs[i + 1] if i + 1 < len(msgs) and msgs[i + 1].role == "assistant" else None
-        content = f"{RESPONSE} {neutralize(reply.content, pattern)}" if reply else SILENCE
+        content = neutralize(f"{RESPONSE} {reply.content}", pattern) if reply else SILENCE
         turns.append({"role": "assistant", "content": content})
     return turns
 
