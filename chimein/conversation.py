@@ -191,15 +191,23 @@ def load_conversations(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (expected JSON Lines of conversations)")
     report = LoadReport()
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # decode line by line: one bad byte must not lose the file
+        for lineno, data in enumerate(f, start=1):
+            line = data.decode("utf-8", errors="replace").removesuffix("\n").removesuffix("\r")
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a BOM from Windows editors
             if not line.strip():
                 continue
             try:
                 try:
+                    data.decode("utf-8")
                     obj = json.loads(line)
+                except UnicodeDecodeError as e:
+                    raise InvalidConversation("invalid_utf8", f"not UTF-8: byte {e.start} is invalid")
                 except json.JSONDecodeError as e:
                     raise InvalidConversation("invalid_json", f"invalid JSON: {e.msg} (column {e.colno})")
+                except RecursionError:
+                    raise InvalidConversation("invalid_json", "invalid JSON: nested too deeply")
                 report.conversations.append(parse_conversation(obj, max_message_chars))
                 report.lines.append(lineno)
             except InvalidConversation as e:
@@ -208,5 +216,5 @@ def load_conversations(
                         f"{path}:{lineno}: {e.problem}. Fix the line, or load leniently to skip "
                         "bad conversations and get a report."
                     ) from None
-                report.rejected.append(Rejection(str(path), lineno, e.kind, e.problem, line.rstrip("\n")))
+                report.rejected.append(Rejection(str(path), lineno, e.kind, e.problem, line))
     return report
