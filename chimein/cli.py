@@ -54,10 +54,15 @@ def presets() -> None:
     from chimein.assets import asset_dir
     from chimein.presets import list_presets, load_preset
 
-    table = Table("preset", "family", "hub id", "offline asset", "pad policy")
+    table = Table(title="model presets (conf/models/)")
+    table.add_column("preset", no_wrap=True)
+    table.add_column("family", no_wrap=True)
+    table.add_column("hub id", overflow="fold")
+    table.add_column("offline asset", overflow="fold")
+    table.add_column("pad", no_wrap=True)
     for name in list_presets():
         p = load_preset(name)
-        local = "built" if p.asset and asset_dir(p.asset) else "not built"
+        local = "built" if p.asset and asset_dir(p.asset) else "not built: chimein assets"
         table.add_row(name, p.family, p.hub_id or "-", f"{p.asset} ({local})" if p.asset else "-",
                       p.pad_token)
     console.print(table)
