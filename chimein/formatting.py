@@ -14,6 +14,7 @@ character, so it can never be parsed as a special token or open/close a turn.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from dataclasses import dataclass
 
 from chimein.conversation import Conversation, normalize_name
@@ -166,8 +167,8 @@ def encode(conversation: Conversation, tokenizer, preset: ModelPreset, max_lengt
     if len(ids) > max_length:
         truncated = True
         # tokens needed to keep exchanges 1..k: up to the end of the k-th assistant turn
-        ends = [next(i for i, (s, _) in enumerate(offsets + [(len(r.text), 0)]) if s >= end)
-                for _, end in r.assistant_spans]
+        starts = [s for s, _ in offsets]
+        ends = [bisect_left(starts, end) for _, end in r.assistant_spans]
         k = sum(e <= max_length for e in ends)
         while True:
             if k == 0:

@@ -16,6 +16,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from chimein.assets import asset_dir, asset_has_weights
 from chimein.paths import conf_dir
 
 
@@ -156,8 +157,6 @@ def check_pad_token(tokenizer) -> None:
 def model_source(preset: ModelPreset, need_weights: bool) -> str:
     """Where from_pretrained reads: the local asset when it is built (and has what is needed),
     else the Hub id (the normal Hub download path)."""
-    from chimein.assets import asset_dir, asset_has_weights
-
     if preset.asset:
         local = asset_dir(preset.asset)
         if local is not None and (asset_has_weights(preset.asset) or not need_weights):
