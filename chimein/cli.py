@@ -133,5 +133,97 @@ def preprocess(
                   f"marked ⟦ ⟧), {o / 'rejected.jsonl'}, {o / 'summary.json'}")
 
 
+@app.command()
+def generate(
+    out: Annotated[Path, typer.Option(help="Output JSON Lines file (appended to as conversations arrive).")],
+    source: Annotated[Optional[str], typer.Option(help="offline | openai | replicate (default: offline).")] = None,
+    count: Annotated[Optional[int], typer.Option(help="Conversations wanted in the output.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model id (default per source).")] = None,
+    base_url: Annotated[Optional[str], typer.Option(help="API base URL, e.g. a vLLM/Ollama server.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Run seed.")] = None,
+    concurrency: Annotated[Optional[int], typer.Option(help="Requests in flight at once.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Generation YAML (default conf/generation/default.yaml).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run with the same config.")] = False,
+) -> None:
+    """Generate synthetic group chats (offline corpus, an OpenAI-compatible API, or Replicate)."""
+    from pydantic import ValidationError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from chimein.generation import GenerationAborted, MissingAPIKey, generate as run, \
+        load_generation_config
+
+    try:
+        cfg = load_generation_config(config, source=source, count=count, model=model,
+                                     base_url=base_url, seed=seed, concurrency=concurrency)
+    except (ValidationError, FileNotFoundError) as e:
+        _fail(str(e))
+    columns = (TextColumn(f"generating ({cfg.source}: {cfg.model_id})"), BarColumn(),
+               MofNCompleteColumn(), TextColumn("{task.fields[note]}"), TimeElapsedColumn())
+    with Progress(*columns, console=err) as bar:
+        task = bar.add_task("", total=cfg.count, note="")
+
+        def show(st):
+            rejected = sum(st.rejected.values())
+            bar.update(task, completed=st.total_accepted,
+                       note=f"{rejected} rejected, {st.duplicates} dup, {st.retries} retries")
+
+        try:
+            stats = run(cfg, out, resume=resume, on_progress=show)
+        except (MissingAPIKey, GenerationAborted, FileExistsError) as e:
+            _fail(str(e))
+    table = Table("", "count", title=f"generated {out}")
+    table.add_row("accepted (this run)", str(stats.accepted))
+    table.add_row("in the file", f"{stats.total_accepted} of {cfg.count}")
+    table.add_row("requests (retries)", f"{stats.requests} ({stats.retries})")
+    table.add_row("skipped (done before)", str(stats.skipped))
+    table.add_row("duplicates dropped", str(stats.duplicates))
+    table.add_row("rejected", str(sum(stats.rejected.values())) +
+                  "".join(f"\n  {k}: {v}" for k, v in sorted(stats.rejected.items())))
+    table.add_row("failed after retries", str(stats.failed))
+    table.add_row("tokens in / out", f"{stats.tokens_in} / {stats.tokens_out}")
+    table.add_row("wall time", f"{stats.wall_s:.1f} s")
+    console.print(table)
+    if stats.total_accepted < cfg.count:
+        _fail(f"only {stats.total_accepted} of {cfg.count} conversations; run again with --resume "
+              "to continue (finished requests are not repeated)")
+
+
+dataset_app = typer.Typer(help="Build and publish versioned datasets.", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+
+
+@dataset_app.command("build")
+def dataset_build(
+    data: Annotated[Path, typer.Option(help="JSON Lines file of conversations.")],
+    publish: Annotated[str, typer.Option(help="'local' (store/datasets/VERSION) or 'hub:ORG/NAME'.")] = "local",
+    test_fraction: Annotated[float, typer.Option(help="Share of conversation groups held out.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
+    public: Annotated[bool, typer.Option(help="Make a new Hub repo public (default private).")] = False,
+) -> None:
+    """Split conversations into train/test by group and publish a content-addressed version."""
+    from chimein.dataset import build_dataset, publish_hub, publish_local
+
+    if publish != "local" and not publish.startswith("hub:"):
+        _fail(f"--publish {publish!r}: use 'local' or 'hub:ORG/NAME'")
+    try:
+        ds, info = build_dataset(data, test_fraction=test_fraction, seed=seed)
+        if publish == "local":
+            publish_local(ds, info)
+        else:
+            publish_hub(ds, info, publish[4:], private=not public)
+    except (FileNotFoundError, PermissionError, ValueError) as e:
+        _fail(str(e))
+    table = Table("", "", title=f"dataset {info.version}")
+    table.add_row("train / test", f"{info.train} / {info.test}")
+    table.add_row("user messages", str(info.user_turns))
+    table.add_row("speak / silence", f"{info.speak} / {info.user_turns - info.speak} "
+                  f"({info.silence_ratio:.0%} silence)")
+    table.add_row("rejected", str(info.rejected))
+    table.add_row("source / model", f"{info.source} / {info.model}")
+    table.add_row("published", info.location)
+    console.print(table)
+    console.print(f"load it with chimein.dataset.load_published({info.location!r})")
+
+
 if __name__ == "__main__":
     app()

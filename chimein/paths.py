@@ -22,5 +22,5 @@ def cache_dir() -> Path:
 
 
 def sample_data() -> Path:
-    """The conversations bundled with the package."""
-    return _PACKAGE / "data" / "sample.jsonl"
+    """A small sample of the curated corpus (its first part), for quick runs."""
+    return _PACKAGE / "data" / "corpus" / "part-0.jsonl"
