@@ -22,11 +22,15 @@ setup: $(STAMP)
 assets: setup
 	$(BIN)/chimein assets
 
+# the main job on the embedded default: offline generation → versioned dataset → training rows
 run: assets
-	$(BIN)/chimein preprocess --model smollm2-135m-instruct --out outputs/preprocessed
+	$(BIN)/chimein generate --source offline --count 200 --out outputs/conversations.jsonl --resume
+	$(BIN)/chimein dataset build --data outputs/conversations.jsonl --publish local
+	$(BIN)/chimein preprocess --model smollm2-135m-instruct --data outputs/conversations.jsonl \
+		--out outputs/preprocessed
 
 test: assets
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf outputs store .pytest_cache

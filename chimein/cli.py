@@ -157,7 +157,7 @@ def generate(
                                      base_url=base_url, seed=seed, concurrency=concurrency)
     except (ValidationError, FileNotFoundError) as e:
         _fail(str(e))
-    columns = (TextColumn(f"generating ({cfg.source}: {cfg.model_id})"), BarColumn(),
+    columns = (TextColumn("generating"), BarColumn(bar_width=20),
                MofNCompleteColumn(), TextColumn("{task.fields[note]}"), TimeElapsedColumn())
     with Progress(*columns, console=err) as bar:
         task = bar.add_task("", total=cfg.count, note="")
@@ -165,13 +165,13 @@ def generate(
         def show(st):
             rejected = sum(st.rejected.values())
             bar.update(task, completed=st.total_accepted,
-                       note=f"{rejected} rejected, {st.duplicates} dup, {st.retries} retries")
+                       note=f"{rejected} rej {st.duplicates} dup {st.retries} retry")
 
         try:
             stats = run(cfg, out, resume=resume, on_progress=show)
         except (MissingAPIKey, GenerationAborted, FileExistsError) as e:
             _fail(str(e))
-    table = Table("", "count", title=f"generated {out}")
+    table = Table("", "count", title=f"generated {out} ({cfg.source}: {cfg.model_id})")
     table.add_row("accepted (this run)", str(stats.accepted))
     table.add_row("in the file", f"{stats.total_accepted} of {cfg.count}")
     table.add_row("requests (retries)", f"{stats.requests} ({stats.retries})")

@@ -139,6 +139,9 @@ of an assistant message after a user message.
 
 def publish_local(ds, info: DatasetInfo) -> DatasetInfo:
     """Save under store/datasets/VERSION (idempotent: an existing version is kept as is)."""
+    from datasets import disable_progress_bars
+
+    disable_progress_bars()
     target = store_dir() / "datasets" / info.version
     if not (target / "info.json").is_file():
         tmp = target.with_name(target.name + ".part")
