@@ -275,10 +275,10 @@ def offline_source(cfg: GenerationConfig) -> Callable[[str, RequestSpec], Comple
     from chimein.corpus import augment, load_corpus
 
     corpus = load_corpus()
+    # originals first (in a seeded order), then augmented variants of them
+    order = random.Random(cfg.seed).sample(range(len(corpus)), len(corpus))
 
     def complete(prompt: str, spec: RequestSpec) -> Completion:
-        # originals first (in a seeded order), then augmented variants of them
-        order = random.Random(cfg.seed).sample(range(len(corpus)), len(corpus))
         base = corpus[order[spec.index % len(corpus)]]
         conv = base if spec.index < len(corpus) else augment(base, spec, cfg.names)
         return Completion(json.dumps(conv.to_json(), ensure_ascii=False))
@@ -316,8 +316,7 @@ class GenerationAborted(RuntimeError):
     pass
 
 
-def _with_retries(fn, cfg: GenerationConfig, stats: GenerationStats, lock: threading.Lock,
-                  sleep=time.sleep):
+def _with_retries(fn, cfg: GenerationConfig, stats: GenerationStats, lock: threading.Lock):
     delay = cfg.backoff_s
     for attempt in range(cfg.max_retries + 1):
         with lock:
@@ -328,7 +327,7 @@ def _with_retries(fn, cfg: GenerationConfig, stats: GenerationStats, lock: threa
         except RetryableError:
             if attempt == cfg.max_retries:
                 raise
-            sleep(min(delay, cfg.backoff_max_s) * random.uniform(0.5, 1.5))  # jitter spreads retries
+            time.sleep(min(delay, cfg.backoff_max_s) * random.uniform(0.5, 1.5))  # jitter spreads retries
             delay *= 2
 
 
