@@ -206,10 +206,12 @@ def dataset_build(
     if publish != "local" and not publish.startswith("hub:"):
         _fail(f"--publish {publish!r}: use 'local' or 'hub:ORG/NAME'")
     try:
-        ds, info = build_dataset(data, test_fraction=test_fraction, seed=seed)
+        with err.status(f"building the dataset from {data}"):
+            ds, info = build_dataset(data, test_fraction=test_fraction, seed=seed)
         if publish == "local":
-            publish_local(ds, info)
-        else:
+            with err.status(f"saving {info.version} to the local store"):
+                publish_local(ds, info)
+        else:  # huggingface_hub shows its own upload progress bars
             publish_hub(ds, info, publish[4:], private=not public)
     except (FileNotFoundError, PermissionError, ValueError) as e:
         _fail(str(e))
