@@ -227,5 +227,48 @@ def dataset_build(
     console.print(f"load it with chimein.dataset.load_published({info.location!r})")
 
 
+@app.command()
+def train(
+    dataset: Annotated[str, typer.Option(help="Dataset version (local:ds-…, hub:ORG/NAME@ds-…) or a JSONL file.")],
+    model: Annotated[str, typer.Option(help="Model preset name or YAML path.")] = DEFAULT_MODEL,
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default: one epoch).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run from its last checkpoint.")] = False,
+    config: Annotated[Optional[Path], typer.Option(help="Training YAML (TrainConfig); options override it.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Compute dtype: auto, bfloat16, float16, float32.")] = None,
+    no_4bit: Annotated[bool, typer.Option("--no-4bit", help="LoRA on full-precision weights instead of QLoRA.")] = False,
+    publish: Annotated[str, typer.Option(help="'local' (store/adapters/NAME) or 'hub:ORG/NAME'.")] = "local",
+    output_dir: Annotated[Optional[str], typer.Option(help="Checkpoints go to OUTPUT_DIR/RUN_NAME/.")] = None,
+) -> None:
+    """QLoRA-train an adapter on a dataset version; track it in MLflow; publish the adapter."""
+    from pydantic import ValidationError
+
+    from chimein import adapters
+    from chimein.presets import PadTokenError
+    from chimein.training import TrainingGuardError, load_train_config, train as run
+
+    if publish != "local" and not publish.startswith("hub:"):
+        _fail(f"--publish {publish!r}: use 'local' or 'hub:ORG/NAME'")
+    try:
+        cfg = load_train_config(config, model=model, dataset=dataset, output_dir=output_dir,
+                                **{"trainer.max_steps": max_steps, "quantization.compute_dtype": dtype,
+                                   "quantization.load_in_4bit": False if no_4bit else None})
+        result = run(cfg, resume=resume)
+        where = (adapters.publish_local(result.adapter_dir, result.run_name) if publish == "local"
+                 else adapters.publish_hub(result.adapter_dir, publish[4:]))
+    except (ValidationError, FileNotFoundError, FileExistsError, PadTokenError, PermissionError,
+            TrainingGuardError, ValueError) as e:
+        _fail(str(e))
+    table = Table("", "", title=f"trained {result.run_name}")
+    table.add_row("MLflow run", f"{result.run_id} ({result.tracking_uri})")
+    table.add_row("steps", str(result.steps) + (f" (resumed from {result.resumed_from})" if result.resumed_from else ""))
+    table.add_row("final train loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "-")
+    table.add_row("labelled tokens", str(result.labelled_tokens))
+    table.add_row("adapter", f"{result.adapter_dir} → {where}")
+    table.add_row("registered model", result.registered or "-")
+    console.print(table)
+    ui = "" if result.tracking_uri.startswith("http") else f" --backend-store-uri {result.tracking_uri}"
+    console.print(f"compare runs: mlflow ui{ui}  (then open http://127.0.0.1:5000)")
+
+
 if __name__ == "__main__":
     app()

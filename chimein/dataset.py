@@ -186,3 +186,23 @@ def load_published(ref: str):
         raise FileNotFoundError(f"no dataset {version!r} in {path.parent}; known: "
                                 f"{', '.join(known) or 'none'} (build one with `chimein dataset build`)")
     return load_from_disk(str(path))
+
+
+def split_conversations(split) -> list[Conversation]:
+    """The conversations of one split (Arrow gives assistant messages a null name; drop it)."""
+    from chimein.conversation import parse_conversation
+
+    return [parse_conversation([{k: v for k, v in m.items() if v is not None} for m in msgs])
+            for msgs in split["messages"]]
+
+
+def resolve_dataset(ref: str):
+    """(DatasetDict, version) from a published ref (`local:ds-…`, `hub:ORG/NAME@ds-…`, `ds-…`) or a
+    JSON Lines path, which is built and published locally first (same data → same version)."""
+    path = Path(ref)
+    if path.suffix == ".jsonl" or path.is_file():
+        ds, info = build_dataset(path)
+        publish_local(ds, info)
+        return ds, info.version
+    version = ref.rpartition("@")[2] if ref.startswith("hub:") else ref.removeprefix("local:")
+    return load_published(ref), version

@@ -37,29 +37,22 @@ class PreprocessSummary:
     labelled_tokens: int = 0
 
 
-def preprocess(preset_name: str, data: str | Path, out: str | Path, max_length: int | None = None,
-               strict: bool = False, n_examples: int = 3, progress: bool = False) -> PreprocessSummary:
-    """Validate, format, tokenize and mask a conversation file for one model preset."""
-    from datasets import Dataset, disable_progress_bars
+def tokenize_conversations(conversations, lines, source: str, preset, tokenizer,
+                           summary: PreprocessSummary, n_examples: int = 3,
+                           progress: bool = False) -> tuple[dict, list[Rejection], list[str]]:
+    """Rows (input_ids, assistant_masks, …) for SFTTrainer, the conversations rejected as too
+    long, and rendered examples; counts go into `summary`."""
     from rich.progress import track
 
-    disable_progress_bars()
-    preset = load_preset(preset_name)
-    max_length = max_length or preset.max_length
-    report: LoadReport = load_conversations(data, strict=strict)
-    tokenizer = load_tokenizer(preset)
     pattern = marker_pattern(tokenizer, preset)
-
-    summary = PreprocessSummary(preset.name, str(data), str(out), max_length)
-    rejected: list[Rejection] = list(report.rejected)
     rows = {"input_ids": [], "assistant_masks": [], "n_turns": [], "n_speak": [], "truncated": []}
-    examples = []
-    items = list(zip(report.conversations, report.lines))
+    rejected, examples = [], []
+    items = list(zip(conversations, lines))
     for conv, line in track(items, description="tokenizing", disable=not progress):
         try:
-            ex = encode(conv, tokenizer, preset, max_length, pattern)
+            ex = encode(conv, tokenizer, preset, summary.max_length, pattern)
         except TooLong as e:
-            rejected.append(Rejection(str(data), line, "too_long", str(e),
+            rejected.append(Rejection(source, line, "too_long", str(e),
                                       json.dumps(conv.to_json(), ensure_ascii=False)))
             continue
         for k in rows:
@@ -70,12 +63,32 @@ def preprocess(preset_name: str, data: str | Path, out: str | Path, max_length: 
         summary.tokens += len(ex.input_ids)
         summary.labelled_tokens += sum(ex.assistant_masks)
         if len(examples) < n_examples:
-            examples.append(f"# {data}:{line} — {ex.n_turns} turns, {ex.n_speak} spoken, "
+            examples.append(f"# {source}:{line} — {ex.n_turns} turns, {ex.n_speak} spoken, "
                             f"{len(ex.input_ids)} tokens, {sum(ex.assistant_masks)} labelled"
                             f"{' (truncated)' if ex.truncated else ''}\n{show_labelled(ex)}")
-
     summary.conversations = len(rows["input_ids"])
     summary.silence = summary.user_turns - summary.speak
+    return rows, rejected, examples
+
+
+EXAMPLES_LEGEND = ("Labelled tokens (what the model learns to produce) are wrapped in ⟦ ⟧; "
+                   "everything else is context only.\n\n")
+
+
+def preprocess(preset_name: str, data: str | Path, out: str | Path, max_length: int | None = None,
+               strict: bool = False, n_examples: int = 3, progress: bool = False) -> PreprocessSummary:
+    """Validate, format, tokenize and mask a conversation file for one model preset."""
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()
+    preset = load_preset(preset_name)
+    report: LoadReport = load_conversations(data, strict=strict)
+    tokenizer = load_tokenizer(preset)
+    summary = PreprocessSummary(preset.name, str(data), str(out), max_length or preset.max_length)
+    rows, too_long, examples = tokenize_conversations(
+        report.conversations, report.lines, str(data), preset, tokenizer, summary, n_examples, progress)
+    rejected: list[Rejection] = list(report.rejected) + too_long
+
     summary.rejected = len(rejected)
     summary.rejected_by_kind = dict(sorted(Counter(r.kind for r in rejected).items()))
     if summary.conversations == 0:
@@ -87,9 +100,7 @@ def preprocess(preset_name: str, data: str | Path, out: str | Path, max_length: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     Dataset.from_dict(rows).save_to_disk(str(out / "dataset"))
-    legend = ("Labelled tokens (what the model learns to produce) are wrapped in ⟦ ⟧; "
-              "everything else is context only.\n\n")
-    (out / "examples.txt").write_text(legend + "\n\n".join(examples) + "\n", encoding="utf-8")
+    (out / "examples.txt").write_text(EXAMPLES_LEGEND + "\n\n".join(examples) + "\n", encoding="utf-8")
     with (out / "rejected.jsonl").open("w", encoding="utf-8") as f:
         for r in rejected:
             f.write(json.dumps({"line": r.line, "kind": r.kind, "problem": r.problem, "raw": r.raw},

@@ -1,0 +1,403 @@
+"""QLoRA fine-tuning with MLflow tracking, guards against the known traps, and resume.
+
+    chimein train --model smollm2-135m-instruct --dataset outputs/conversations.jsonl --max-steps 20
+
+Plan: resolve config → dataset version → tokenize the train split with exact assistant masks →
+load the base in 4-bit NF4 (bitsandbytes; CPU and GPU alike) → LoRA → TRL SFTTrainer → adapter,
+logged to MLflow (params, per-step metrics, tags, artifacts, a registered model).
+
+Defaults are the method's (DESIGN.md): LoRA r=64, alpha=16, dropout 0.1; batch 4 × accumulation 2;
+gradient checkpointing; lr 2e-4 constant after 3 % warmup; max grad norm 0.3; max length 1024.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from chimein.presets import ModelPreset, load_preset, load_tokenizer, model_source
+
+
+class LoraSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(64, gt=0, description="Rank; higher: more capacity and memory.")
+    alpha: int = Field(16, gt=0, description="Scaling numerator (alpha / r); peft's default is 8.")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class QuantSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    load_in_4bit: bool = Field(True, description="QLoRA: base weights in 4-bit; False trains LoRA on full-precision weights.")
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(False, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bf16 on GPUs that have it, else fp32. fp16 only on request: it "
+        "collapsed Llama-2's loss to 0.0 in the original.")
+
+
+class TrainerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 2
+    gradient_checkpointing: bool = True
+    learning_rate: float = 2e-4
+    lr_scheduler_type: str = Field("constant_with_warmup", description="transformers' default is linear decay.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    max_grad_norm: float = Field(0.3, description="transformers' default is 1.0.")
+    num_train_epochs: float = 1.0
+    max_steps: int = Field(-1, description="> 0 overrides num_train_epochs.")
+    save_steps: int = Field(10, gt=0, description="Checkpoint every N optimizer steps (resume point).")
+    save_total_limit: int = 2
+    logging_steps: int = 1
+    seed: int = 42
+    collapse_patience: int = Field(3, gt=0, description="Stop after this many consecutive logged losses of exactly 0.0 or NaN/inf.")
+
+
+class TrainConfig(BaseModel):
+    """Everything a training run depends on; logged in full as MLflow params and a YAML artifact."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("smollm2-135m-instruct", description="Model preset name or YAML path.")
+    dataset: str = Field(description="Dataset version (local:ds-…, hub:ORG/NAME@ds-…) or a JSONL path.")
+    max_length: int | None = Field(None, description="Tokens per row; default: the preset's.")
+    experiment: str = Field("chimein", description="MLflow experiment (one per pipeline).")
+    output_dir: str = Field("outputs/train", description="Checkpoints go to OUTPUT_DIR/RUN_NAME/.")
+    lora: LoraSettings = LoraSettings()
+    quantization: QuantSettings = QuantSettings()
+    trainer: TrainerSettings = TrainerSettings()
+
+
+def load_train_config(path: str | Path | None = None, **overrides) -> TrainConfig:
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path else {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, _, field = key.rpartition(".")
+        (data.setdefault(section, {}) if section else data)[field] = value
+    return TrainConfig.model_validate(data or {})
+
+
+def flat_params(cfg: TrainConfig, preset: ModelPreset) -> dict[str, str]:
+    """Consistent names across runs, so runs of different presets line up in MLflow."""
+    out = {f"preset.{k}": v for k, v in preset.model_dump().items()}
+    for k, v in cfg.model_dump().items():
+        if isinstance(v, dict):
+            out |= {f"{k}.{kk}": vv for kk, vv in v.items()}
+        else:
+            out[k] = v
+    return {k: str(v) for k, v in out.items()}
+
+
+# --- guards ---------------------------------------------------------------------------------------
+
+
+class TrainingGuardError(RuntimeError):
+    """A known trap was hit; the message names the fix."""
+
+
+def resolve_compute_dtype(setting: str):
+    import torch
+
+    if setting != "auto":
+        return getattr(torch, setting)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def check_labelled_tokens(train_rows) -> int:
+    n = sum(map(sum, train_rows["assistant_masks"]))
+    if n == 0:
+        raise TrainingGuardError(
+            "the training data has zero labelled tokens, so there is nothing to learn: every "
+            "assistant mask is empty. Check that the preset's family matches the model's chat "
+            "template (`chimein preprocess` writes examples.txt with the labelled spans marked)")
+    return n
+
+
+def loss_guard(patience: int, dtype_name: str):
+    from transformers import TrainerCallback
+
+    class LossGuard(TrainerCallback):
+        """Stop when the loss is exactly 0.0 or NaN/inf for `patience` consecutive logs."""
+
+        def __init__(self):
+            self.bad = 0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is None:
+                return
+            self.bad = self.bad + 1 if (loss == 0.0 or not math.isfinite(loss)) else 0
+            if self.bad >= patience:
+                raise TrainingGuardError(
+                    f"the training loss was {loss} for {patience} consecutive steps (compute dtype "
+                    f"{dtype_name}): training has collapsed. Use bf16 where the GPU supports it "
+                    "(--dtype bfloat16), else float32 (--dtype float32); fp16 collapsed Llama-2's "
+                    "loss to exactly 0.0. A lower learning rate also helps if the loss is NaN.")
+
+    return LossGuard()
+
+
+# --- model ----------------------------------------------------------------------------------------
+
+
+def load_base_model(preset: ModelPreset, quant: QuantSettings, tokenizer):
+    """The preset's base model, 4-bit NF4 when asked (same path on CPU and GPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = resolve_compute_dtype(quant.compute_dtype)
+    kwargs = {"dtype": dtype}
+    if quant.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=quant.double_quant)
+        kwargs["device_map"] = {"": 0 if torch.cuda.is_available() else "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(model_source(preset, need_weights=True), **kwargs)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # pad policy 'add'
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False  # incompatible with gradient checkpointing; inference turns it on
+    return model
+
+
+def apply_lora(model, preset: ModelPreset, lora: LoraSettings, gradient_checkpointing: bool):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if gradient_checkpointing:
+        # PEFT freezes the embeddings, so with checkpointing no input would require grad and
+        # backward fails with "element 0 of tensors does not require grad".
+        model.enable_input_require_grads()
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+                        target_modules=list(preset.lora_target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+# --- MLflow ---------------------------------------------------------------------------------------
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else a SQLite file in the working directory (no server needed)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def mlflow_logger(client, run_id: str):
+    from transformers import TrainerCallback
+
+    class MlflowLogger(TrainerCallback):
+        """Per-step metrics to one run, by id (MLflow's active run is per thread)."""
+
+        def __init__(self):
+            self.last = None  # (time, tokens seen)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            from mlflow.entities import Metric
+
+            now = time.time()
+            metrics = {k: float(v) for k, v in (logs or {}).items()
+                       if isinstance(v, (int, float)) and k in
+                       ("loss", "grad_norm", "learning_rate", "epoch", "train_loss", "train_runtime")}
+            seen = state.num_input_tokens_seen
+            if self.last and seen > self.last[1] and now > self.last[0]:
+                metrics["tokens_per_s"] = (seen - self.last[1]) / (now - self.last[0])
+            self.last = (now, seen)
+            stamp = int(now * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, v, stamp, state.global_step)
+                                              for k, v in metrics.items() if math.isfinite(v)])
+
+    return MlflowLogger()
+
+
+def loss_curve_png(client, run_id: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([m.step for m in history], [m.value for m in history], marker=".")
+    ax.set(xlabel="optimizer step", ylabel="train loss (assistant tokens)", title="loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    run_name: str
+    adapter_dir: Path
+    dataset_version: str
+    steps: int
+    final_loss: float | None
+    labelled_tokens: int
+    resumed_from: str | None
+    tracking_uri: str
+    registered: str | None
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbacks=()) -> TrainResult:
+    """Train one adapter; see the module docstring. Reruns with resume=True continue the same
+    MLflow run from the last checkpoint in OUTPUT_DIR/RUN_NAME/."""
+    import mlflow
+    import torch
+    from datasets import Dataset, disable_progress_bars
+    from mlflow import MlflowClient
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    from chimein.dataset import resolve_dataset, split_conversations
+    from chimein.preprocess import EXAMPLES_LEGEND, PreprocessSummary, tokenize_conversations
+
+    disable_progress_bars()
+    # config → data
+    preset = load_preset(cfg.model)
+    tokenizer = load_tokenizer(preset)
+    ds, version = resolve_dataset(cfg.dataset)
+    max_length = cfg.max_length or preset.max_length
+    summary = PreprocessSummary(preset.name, version, "", max_length)
+    rows, too_long, examples = tokenize_conversations(
+        split_conversations(ds["train"]), range(1, len(ds["train"]) + 1), f"{version}:train",
+        preset, tokenizer, summary)
+    labelled = check_labelled_tokens(rows)
+    train_ds = Dataset.from_dict({"input_ids": rows["input_ids"], "assistant_masks": rows["assistant_masks"]})
+
+    run_name = f"{preset.name}--{version}"
+    out_dir = Path(cfg.output_dir) / run_name
+    last_ckpt = get_last_checkpoint(str(out_dir)) if resume and out_dir.is_dir() else None
+    run_id_file = out_dir / "mlflow_run_id"
+    if not resume and out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists from an earlier run; pass --resume to continue it "
+                              "(same MLflow run, from its last checkpoint) or remove the directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # MLflow run: a new one, or the interrupted one when resuming
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # it would call home
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    experiment = mlflow.set_experiment(cfg.experiment)
+    run_id = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
+    dtype = resolve_compute_dtype(cfg.quantization.compute_dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
+                          experiment_id=experiment.experiment_id, log_system_metrics=True) as run:
+        run_id = run.info.run_id
+        run_id_file.write_text(run_id)
+        if last_ckpt is None:  # params are immutable: log them once, at the start
+            mlflow.log_params(flat_params(cfg, preset) | {"data.version": version,
+                                                          "data.max_length": str(max_length)})
+            mlflow.set_tags({"chimein.family": preset.family, "chimein.preset": preset.name,
+                             "chimein.base_model": preset.hub_id or preset.asset,
+                             "chimein.dataset_version": version, "chimein.git_commit": git_commit(),
+                             "chimein.device": device, "chimein.compute_dtype": str(dtype).removeprefix("torch.")})
+            mlflow.log_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), "config/train.yaml")
+            mlflow.log_text(yaml.safe_dump(preset.model_dump(), sort_keys=False), "config/model.yaml")
+            mlflow.log_text(EXAMPLES_LEGEND + "\n\n".join(examples) + "\n", "examples.txt")
+            mlflow.log_metrics({"data.labelled_tokens": labelled, "data.rows": summary.conversations,
+                                "data.truncated": summary.truncated, "data.too_long": len(too_long)})
+
+        # model
+        model = load_base_model(preset, cfg.quantization, tokenizer)
+        model = apply_lora(model, preset, cfg.lora, cfg.trainer.gradient_checkpointing)
+
+        # train
+        t = cfg.trainer
+        args = SFTConfig(
+            output_dir=str(out_dir), per_device_train_batch_size=t.per_device_train_batch_size,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            gradient_checkpointing=t.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type,
+            warmup_steps=t.warmup_ratio,  # TRL 1.x: a float below 1 is a ratio
+            max_grad_norm=t.max_grad_norm, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
+            save_steps=t.save_steps, save_total_limit=t.save_total_limit, logging_steps=t.logging_steps,
+            seed=t.seed, data_seed=t.seed, max_length=max_length, bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16, report_to="none", disable_tqdm=not progress,
+            include_num_input_tokens_seen=True, dataset_num_proc=None, use_cpu=device == "cpu")
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds,
+                             processing_class=tokenizer,
+                             callbacks=[mlflow_logger(client, run_id),
+                                        loss_guard(t.collapse_patience, str(dtype)), *callbacks])
+        result = trainer.train(resume_from_checkpoint=last_ckpt)
+
+        # artifacts
+        adapter_dir = out_dir / "adapter"
+        trainer.model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+        hyper = {"lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha, "lora.dropout": cfg.lora.dropout,
+                 "quantization": f"{cfg.quantization.quant_type if cfg.quantization.load_in_4bit else 'none'}",
+                 "compute_dtype": str(dtype).removeprefix("torch."), "learning_rate": t.learning_rate,
+                 "batch": f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps}",
+                 "steps": trainer.state.global_step, "max_length": max_length}
+        (adapter_dir / "chimein.json").write_text(json.dumps(
+            {"name": run_name, "preset": preset.model_dump(), "dataset_version": version,
+             "mlflow_run_id": run_id, "hyperparameters": hyper,
+             "metrics": {"final_train_loss": result.training_loss, "labelled_tokens": labelled}},
+            indent=2))
+        mlflow.log_metric("final_train_loss", result.training_loss)
+        mlflow.log_artifacts(str(adapter_dir), "adapter")
+        mlflow.log_artifact(str(loss_curve_png(client, run_id, out_dir / "loss_curve.png")))
+        registered = register_adapter(trainer.model, tokenizer, preset, run_id)
+    return TrainResult(run_id, run_name, adapter_dir, version, trainer.state.global_step,
+                       result.training_loss, labelled, last_ckpt, tracking_uri(), registered)
+
+
+def register_adapter(model, tokenizer, preset: ModelPreset, run_id: str) -> str | None:
+    """Log the adapter as an MLflow transformers/PEFT model that references its base, and register
+    it as `chimein-PRESET`. Returns "NAME/VERSION", or None (with a tag saying why) if this MLflow
+    cannot log it; the adapter is in the run's artifacts either way."""
+    import logging
+
+    import mlflow
+    import peft
+    import torch
+    import transformers
+
+    base = model_source(preset, need_weights=True)
+    try:
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
+            task="text-generation",
+            # a local base must be named, else MLflow saves the base with LoRA layers injected
+            base_model_path=base if Path(base).is_dir() else None,
+            # pinned here: MLflow's inferred requirements add torchvision, which is not installed
+            pip_requirements=[f"transformers=={transformers.__version__}", f"peft=={peft.__version__}",
+                              f"torch=={torch.__version__.split('+')[0]}"],
+            registered_model_name=f"chimein-{preset.name}")
+    except Exception as e:  # noqa: BLE001 — MLflow's flavor support trails transformers releases
+        logging.getLogger(__name__).warning("MLflow could not log the PEFT model (%s); the adapter "
+                                            "is in the run's artifacts under adapter/", e)
+        mlflow.MlflowClient().set_tag(run_id, "chimein.registered", f"no: {type(e).__name__}: {e}"[:500])
+        return None
+    return f"chimein-{preset.name}/{info.registered_model_version}"
