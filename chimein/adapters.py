@@ -93,6 +93,7 @@ def adapter_path(ref: str) -> str:
 
 def load_adapter(ref: str, quantize: bool = True):
     """(model, tokenizer): the base named by the adapter's preset, with the adapter on top."""
+    import torch
     from huggingface_hub import hf_hub_download
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -102,10 +103,17 @@ def load_adapter(ref: str, quantize: bool = True):
     path = adapter_path(ref)
     meta_file = Path(path) / "chimein.json" if Path(path).is_dir() else \
         Path(hf_hub_download(path, "chimein.json", token=os.environ.get("HF_TOKEN")))
-    preset = ModelPreset.model_validate(json.loads(meta_file.read_text())["preset"])
+    meta = json.loads(meta_file.read_text())
+    preset = ModelPreset.model_validate(meta["preset"])
     tokenizer = AutoTokenizer.from_pretrained(path, token=os.environ.get("HF_TOKEN"))
     base = load_base_model(preset, QuantSettings(load_in_4bit=quantize), tokenizer)
     model = PeftModel.from_pretrained(base, path, token=os.environ.get("HF_TOKEN"))
+    # compute LoRA in the dtype it was trained in (TRL trains QLoRA adapters in bf16); in fp32
+    # the logits would drift from what training saw
+    adapter_dtype = getattr(torch, meta.get("adapter_dtype", "float32"))
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(adapter_dtype)
     model.eval()
     model.config.use_cache = True
     return model, tokenizer

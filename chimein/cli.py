@@ -267,7 +267,7 @@ def train(
     table.add_row("registered model", result.registered or "-")
     console.print(table)
     ui = "" if result.tracking_uri.startswith("http") else f" --backend-store-uri {result.tracking_uri}"
-    console.print(f"compare runs: mlflow ui{ui}  (then open http://127.0.0.1:5000)")
+    console.print(f"compare runs: mlflow ui{ui}  (then open http://127.0.0.1:5000)", soft_wrap=True)
 
 
 if __name__ == "__main__":

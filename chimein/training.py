@@ -153,6 +153,28 @@ def loss_guard(patience: int, dtype_name: str):
     return LossGuard()
 
 
+def keep_adapter_dtype(model):
+    """TRL trains QLoRA adapters in bf16, but resuming loads the checkpoint through peft, which
+    upcasts them to fp32 (and the optimizer state with them): the resumed run would drift from an
+    uninterrupted one. Put adapter weights and their optimizer state back in the trained dtype."""
+    from transformers import TrainerCallback
+
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+
+    class KeepAdapterDtype(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            for name, param in model.named_parameters():
+                dtype = dtypes.get(name)
+                if dtype is None or param.dtype == dtype:
+                    continue
+                param.data = param.data.to(dtype)
+                for key, value in (optimizer.state.get(param, {}) if optimizer else {}).items():
+                    if key != "step" and value.is_floating_point():
+                        optimizer.state[param][key] = value.to(dtype)
+
+    return KeepAdapterDtype()
+
+
 # --- model ----------------------------------------------------------------------------------------
 
 
@@ -274,6 +296,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbac
     import torch
     from datasets import Dataset, disable_progress_bars
     from mlflow import MlflowClient
+    from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
@@ -327,7 +350,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbac
             mlflow.log_metrics({"data.labelled_tokens": labelled, "data.rows": summary.conversations,
                                 "data.truncated": summary.truncated, "data.too_long": len(too_long)})
 
-        # model
+        # model (seeded first: LoRA's A matrices are initialised at random)
+        set_seed(cfg.trainer.seed)
         model = load_base_model(preset, cfg.quantization, tokenizer)
         model = apply_lora(model, preset, cfg.lora, cfg.trainer.gradient_checkpointing)
 
@@ -349,6 +373,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbac
                              processing_class=tokenizer,
                              callbacks=[mlflow_logger(client, run_id),
                                         loss_guard(t.collapse_patience, str(dtype)), *callbacks])
+        trainer.add_callback(keep_adapter_dtype(trainer.model))
         result = trainer.train(resume_from_checkpoint=last_ckpt)
 
         # artifacts
@@ -363,6 +388,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbac
         (adapter_dir / "chimein.json").write_text(json.dumps(
             {"name": run_name, "preset": preset.model_dump(), "dataset_version": version,
              "mlflow_run_id": run_id, "hyperparameters": hyper,
+             "adapter_dtype": next(str(p.dtype).removeprefix("torch.")
+                                   for n, p in trainer.model.named_parameters() if "lora_" in n),
              "metrics": {"final_train_loss": result.training_loss, "labelled_tokens": labelled}},
             indent=2))
         mlflow.log_metric("final_train_loss", result.training_loss)
