@@ -260,7 +260,9 @@ def train(
         _fail(str(e))
     table = Table("", "", title=f"trained {result.run_name}")
     table.add_row("MLflow run", f"{result.run_id} ({result.tracking_uri})")
-    table.add_row("steps", str(result.steps) + (f" (resumed from {result.resumed_from})" if result.resumed_from else ""))
+    note = (" (finished earlier: nothing to do)" if result.finished_earlier else
+            f" (resumed from {result.resumed_from})" if result.resumed_from else "")
+    table.add_row("steps", f"{result.steps}{note}")
     table.add_row("final train loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "-")
     table.add_row("labelled tokens", str(result.labelled_tokens))
     table.add_row("adapter", f"{result.adapter_dir} → {where}")

@@ -34,6 +34,10 @@ class LoraSettings(BaseModel):
     alpha: int = Field(16, gt=0, description="Scaling numerator (alpha / r); peft's default is 8.")
     dropout: float = Field(0.1, ge=0, lt=1)
     bias: Literal["none", "all", "lora_only"] = "none"
+    adapter_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="dtype of the LoRA weights. auto: the compute dtype (bf16 on GPUs that "
+        "have it, fp32 on CPUs); TRL alone puts QLoRA adapters in bf16 everywhere. On a 2-core CPU "
+        "both train at the same speed (benchmarks/bench_train_step.py).")
 
 
 class QuantSettings(BaseModel):
@@ -154,9 +158,9 @@ def loss_guard(patience: int, dtype_name: str):
 
 
 def keep_adapter_dtype(model):
-    """TRL trains QLoRA adapters in bf16, but resuming loads the checkpoint through peft, which
-    upcasts them to fp32 (and the optimizer state with them): the resumed run would drift from an
-    uninterrupted one. Put adapter weights and their optimizer state back in the trained dtype."""
+    """Resuming loads the checkpoint through peft, which upcasts bf16 adapters to fp32 (and the
+    optimizer state with them): the resumed run would drift from an uninterrupted one. Put the
+    adapter weights and their optimizer state back in the dtype they train in."""
     from transformers import TrainerCallback
 
     dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
@@ -287,6 +291,7 @@ class TrainResult:
     resumed_from: str | None
     tracking_uri: str
     registered: str | None
+    finished_earlier: bool = False  # resume found the run complete: nothing was trained
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbacks=()) -> TrainResult:
@@ -323,6 +328,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbac
     if not resume and out_dir.exists():
         raise FileExistsError(f"{out_dir} exists from an earlier run; pass --resume to continue it "
                               "(same MLflow run, from its last checkpoint) or remove the directory")
+    done = out_dir / "adapter" / "chimein.json"
+    if resume and done.is_file():  # the adapter is written last: this run already finished
+        meta = json.loads(done.read_text())
+        return TrainResult(meta["mlflow_run_id"], run_name, done.parent, version,
+                           meta["hyperparameters"]["steps"], meta["metrics"]["final_train_loss"],
+                           meta["metrics"]["labelled_tokens"], None, tracking_uri(),
+                           meta["registered"], finished_earlier=True)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # MLflow run: a new one, or the interrupted one when resuming
@@ -373,29 +385,33 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbac
                              processing_class=tokenizer,
                              callbacks=[mlflow_logger(client, run_id),
                                         loss_guard(t.collapse_patience, str(dtype)), *callbacks])
+        adapter_dtype = dtype if cfg.lora.adapter_dtype == "auto" else getattr(torch, cfg.lora.adapter_dtype)
+        for param in trainer.model.parameters():
+            if param.requires_grad:  # before the optimizer exists, so its state follows
+                param.data = param.data.to(adapter_dtype)
         trainer.add_callback(keep_adapter_dtype(trainer.model))
         result = trainer.train(resume_from_checkpoint=last_ckpt)
 
-        # artifacts
+        # artifacts; chimein.json goes last: its presence marks the run as finished
         adapter_dir = out_dir / "adapter"
         trainer.model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
+        registered = register_adapter(trainer.model, tokenizer, preset, run_id)
+        mlflow.log_metric("final_train_loss", result.training_loss)
+        mlflow.log_artifact(str(loss_curve_png(client, run_id, out_dir / "loss_curve.png")))
+        mlflow.log_artifacts(str(adapter_dir), "adapter")
         hyper = {"lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha, "lora.dropout": cfg.lora.dropout,
-                 "quantization": f"{cfg.quantization.quant_type if cfg.quantization.load_in_4bit else 'none'}",
+                 "quantization": cfg.quantization.quant_type if cfg.quantization.load_in_4bit else "none",
                  "compute_dtype": str(dtype).removeprefix("torch."), "learning_rate": t.learning_rate,
                  "batch": f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps}",
                  "steps": trainer.state.global_step, "max_length": max_length}
-        (adapter_dir / "chimein.json").write_text(json.dumps(
+        done.write_text(json.dumps(
             {"name": run_name, "preset": preset.model_dump(), "dataset_version": version,
-             "mlflow_run_id": run_id, "hyperparameters": hyper,
-             "adapter_dtype": next(str(p.dtype).removeprefix("torch.")
-                                   for n, p in trainer.model.named_parameters() if "lora_" in n),
+             "mlflow_run_id": run_id, "registered": registered, "hyperparameters": hyper,
+             "adapter_dtype": str(adapter_dtype).removeprefix("torch."),
              "metrics": {"final_train_loss": result.training_loss, "labelled_tokens": labelled}},
             indent=2))
-        mlflow.log_metric("final_train_loss", result.training_loss)
-        mlflow.log_artifacts(str(adapter_dir), "adapter")
-        mlflow.log_artifact(str(loss_curve_png(client, run_id, out_dir / "loss_curve.png")))
-        registered = register_adapter(trainer.model, tokenizer, preset, run_id)
+        mlflow.log_artifact(str(done), "adapter")
     return TrainResult(run_id, run_name, adapter_dir, version, trainer.state.global_step,
                        result.training_loss, labelled, last_ckpt, tracking_uri(), registered)
 

@@ -118,13 +118,17 @@ class CrashAt(TrainerCallback):
             raise RuntimeError("simulated crash")
 
 
-def test_resume_continues_the_same_run_and_matches_an_uninterrupted_one(workdir):
-    whole = train(tiny_config(steps=4, output_dir="whole"), progress=False)
+@pytest.mark.parametrize("adapter_dtype", ["auto", "bfloat16"])  # fp32 on CPU; bf16 as on GPUs
+def test_resume_continues_the_same_run_and_matches_an_uninterrupted_one(workdir, adapter_dtype):
+    def config(out):
+        return tiny_config(steps=4, output_dir=out, **{"lora.adapter_dtype": adapter_dtype})
+
+    whole = train(config("whole"), progress=False)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(tiny_config(steps=4, output_dir="crashed"), progress=False, callbacks=[CrashAt(3)])
+        train(config("crashed"), progress=False, callbacks=[CrashAt(3)])
     with pytest.raises(FileExistsError, match="--resume"):
-        train(tiny_config(steps=4, output_dir="crashed"), progress=False)
-    resumed = train(tiny_config(steps=4, output_dir="crashed"), resume=True, progress=False)
+        train(config("crashed"), progress=False)
+    resumed = train(config("crashed"), resume=True, progress=False)
     assert resumed.resumed_from.endswith("checkpoint-2") and resumed.steps == 4
 
     a = load_file(whole.adapter_dir / "adapter_model.safetensors")
@@ -138,6 +142,9 @@ def test_resume_continues_the_same_run_and_matches_an_uninterrupted_one(workdir)
     assert sum(r.info.run_name == resumed.run_name for r in runs) == 2  # whole + crashed/resumed
     steps = sorted(m.step for m in client.get_metric_history(resumed.run_id, "loss"))
     assert steps == [1, 2, 3, 4]
+    again = train(config("crashed"), resume=True, progress=False)
+    assert again.finished_earlier and again.run_id == resumed.run_id
+    assert again.registered == resumed.registered is not None
 
 
 class PoisonLora(TrainerCallback):
