@@ -256,3 +256,46 @@ def test_smollm2_trains_a_few_steps(workdir):
     assert result.steps == 2 and math.isfinite(result.final_loss)
     assert result.final_loss < 6  # a real instruct model, not random weights (~10.8)
     assert any(not torch.equal(snap.before[k], snap.after[k]) for k in snap.trainable if "lora_B" in k)
+
+
+HUB_ADAPTER = """
+import json, sys, torch
+from chimein import adapters
+ref = adapters.publish_hub(sys.argv[1], "org/chimein-adapter") if sys.argv[2] == "push" else "hub:org/chimein-adapter"
+model, tok = adapters.load_adapter(ref)
+ids = tok(sys.argv[3], add_special_tokens=False, return_tensors="pt").input_ids
+with torch.no_grad():
+    print(json.dumps({"ref": ref, "logits": model(input_ids=ids).logits[0, -1, :50].tolist()}))
+"""
+
+
+def test_adapter_round_trip_through_the_hub(workdir):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .fake_hub import FakeHub
+
+    result = train(tiny_config(steps=2), progress=False)
+    local_model, tok = adapters.load_adapter(str(result.adapter_dir))
+    ids = tok(PROBE, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = local_model(input_ids=ids).logits[0, -1, :50]
+    with FakeHub() as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(workdir / "hf"),
+               "HF_HUB_DISABLE_XET": "1"}  # the fake speaks git-lfs, not Xet
+        for step in ("push", "load"):
+            proc = subprocess.run([sys.executable, "-c", HUB_ADAPTER, str(result.adapter_dir), step, PROBE],
+                                  env=env, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            out = json.loads(proc.stdout.strip().splitlines()[-1])
+            torch.testing.assert_close(torch.tensor(out["logits"]), expected, atol=1e-4, rtol=1e-4)
+        repo = hub.repos[("model", "org/chimein-adapter")]
+        _, files = repo.snapshot("main")
+    assert out["ref"] == "hub:org/chimein-adapter" and repo.private
+    assert {"adapter_model.safetensors", "adapter_config.json", "chimein.json", "README.md",
+            "tokenizer.json"} <= set(files)
+    card = files["README.md"].decode()
+    assert result.dataset_version in card and "base_model:" in card
+    assert b"hf_secret" not in b"".join(files.values())
