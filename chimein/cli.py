@@ -272,5 +272,175 @@ def train(
     console.print(f"compare runs: mlflow ui{ui}  (then open http://127.0.0.1:5000)", soft_wrap=True)
 
 
+def _load_assistant(adapter: Optional[str], base: Optional[str], chattiness: float):
+    from chimein.assistant import BASELINE_PROMPT, GroupChatAssistant
+
+    if bool(adapter) == bool(base):
+        _fail("pass exactly one of --adapter REF (a trained adapter) or --base PRESET (the un-tuned "
+              "base model with the method's instruction prompt)")
+    with err.status("loading the model"):
+        if adapter:
+            return GroupChatAssistant.from_adapter(adapter, chattiness=chattiness)
+        return GroupChatAssistant.from_preset(base, chattiness=chattiness, system_prompt=BASELINE_PROMPT)
+
+
+@app.command()
+def chat(
+    adapter: Annotated[Optional[str], typer.Option(help="Adapter: DIR, local:NAME, hub:ORG/NAME, models:/NAME@ALIAS.")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Or a preset's un-tuned base model.")] = None,
+    chattiness: Annotated[float, typer.Option(help="Speak when p_speak >= this.")] = 0.5,
+) -> None:
+    """An interactive group chat in the terminal. Type `Name: message`; /as NAME switches the
+    speaker, /force makes the assistant answer the last message, /reset, /quit."""
+    from chimein.conversation import InvalidConversation
+
+    bot = _load_assistant(adapter, base, chattiness)
+    console.print(f"[bold]chimein[/] · {bot.preset.name} · chattiness {chattiness}. "
+                  "Type `Name: message` (or /as NAME), /force, /reset, /quit.")
+    speaker, last = "You", None
+    while True:
+        try:
+            line = console.input(f"[cyan]{speaker}>[/] ").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            bot.reset()
+            console.print("[dim](conversation cleared)[/]")
+            continue
+        if line.startswith("/as "):
+            speaker = line[4:].strip() or speaker
+            continue
+        force = line == "/force"
+        if force:
+            if last is None:
+                console.print("[red]nothing to answer yet[/]")
+                continue
+            bot.set_reply(None)
+            bot.state.messages.pop()  # the user message is re-added, this time with a forced reply
+            name, text = last
+        else:
+            name, sep, text = line.partition(":")
+            if sep and name.strip() and " " not in name.strip()[:20] and text.strip():
+                name, text = name.strip(), text.strip()
+            else:
+                name, text = speaker, line
+            speaker = name
+        try:
+            d = bot.add(name, text, force=force)
+        except InvalidConversation as e:
+            console.print(f"[red]{e.problem}[/]")
+            continue
+        last = (name, text)
+        if d.speak:
+            console.print(f"[bold green]assistant[/] [dim](p_speak {d.p_speak:.2f})[/]: {d.response}",
+                          highlight=False)
+        else:
+            console.print(f"[dim]  (silence · p_speak {d.p_speak:.2f})[/]")
+
+
+@app.command()
+def serve(
+    adapter: Annotated[Optional[str], typer.Option(help="Adapter: DIR, local:NAME, hub:ORG/NAME, models:/NAME@ALIAS.")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Or a preset's un-tuned base model.")] = None,
+    chattiness: Annotated[float, typer.Option(help="Speak when p_speak >= this.")] = 0.5,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    max_conversations: Annotated[int, typer.Option(help="Conversations kept in memory (LRU).")] = 256,
+) -> None:
+    """Serve the assistant over HTTP (conversation API and an OpenAI-style endpoint)."""
+    import uvicorn
+
+    from chimein.server import create_app
+
+    bot = _load_assistant(adapter, base, chattiness)
+    console.print(f"serving {bot.preset.name} on http://{host}:{port} "
+                  f"(POST /v1/conversations/ID/messages, POST /v1/chat/completions)")
+    uvicorn.run(create_app(bot, max_conversations), host=host, port=port, log_level="warning")
+
+
+@app.command("eval")
+def evaluate_cmd(
+    data: Annotated[Path, typer.Option(help="JSON Lines of conversations (e.g. a dataset's test split).")],
+    adapter: Annotated[Optional[str], typer.Option(help="The fine-tuned adapter to evaluate.")] = None,
+    baseline: Annotated[Optional[list[str]], typer.Option(help="'base' (needs --model) and/or 'openai'.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Preset of the base baseline (default: the adapter's).")] = None,
+    openai_model: Annotated[str, typer.Option(help="Model of the openai baseline.")] = "gpt-4o-mini",
+    openai_base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible base URL.")] = None,
+    chattiness: Annotated[float, typer.Option(help="Speak when p_speak >= this.")] = 0.5,
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N conversations.")] = None,
+    out: Annotated[Path, typer.Option(help="JSON report.")] = Path("outputs/eval/report.json"),
+    track: Annotated[bool, typer.Option(help="Log an MLflow run with the metrics and report.")] = True,
+) -> None:
+    """Evaluate when-to-speak decisions and replies, fine-tuned and baselines side by side."""
+    import json
+
+    from chimein.assistant import BASELINE_PROMPT, GroupChatAssistant
+    from chimein.conversation import load_conversations
+    from chimein.evaluation import OpenAIBaseline, evaluate, report
+
+    baseline = baseline or []
+    if unknown := set(baseline) - {"base", "openai"}:
+        _fail(f"unknown baseline(s) {', '.join(sorted(unknown))}: use 'base' or 'openai'")
+    if not adapter and not baseline:
+        _fail("nothing to evaluate: pass --adapter and/or --baseline")
+    loaded = load_conversations(data)
+    convs = loaded.conversations[:limit] if limit else loaded.conversations
+    if not convs:
+        _fail(f"{data}: no valid conversation to evaluate")
+    systems = {}
+    if adapter:
+        with err.status("loading the adapter"):
+            systems["fine-tuned"] = GroupChatAssistant.from_adapter(adapter, chattiness=chattiness)
+    if "base" in baseline:
+        preset = model or (systems["fine-tuned"].preset.name if adapter else None)
+        if not preset:
+            _fail("--baseline base needs --model PRESET (or --adapter, whose base is used)")
+        with err.status("loading the base model"):
+            systems["base"] = GroupChatAssistant.from_preset(preset, chattiness=chattiness,
+                                                             system_prompt=BASELINE_PROMPT)
+    if "openai" in baseline:
+        try:
+            systems["openai"] = OpenAIBaseline(openai_model, openai_base_url)
+        except RuntimeError as e:
+            _fail(str(e))
+    results = {}
+    for name, system in systems.items():
+        err.print(f"[bold]{name}[/]")
+        results[name] = report(evaluate(system, convs, progress=True))
+    full = {"data": str(data), "conversations": len(convs), "rejected": len(loaded.rejected),
+            "chattiness": chattiness, "systems": results}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(full, indent=2, ensure_ascii=False))
+
+    keys = ["precision", "recall", "f1", "macro_f1", "balanced_accuracy", "missed_intervention_rate",
+            "false_interruption_rate", "format_compliance", "response_similarity", "best_chattiness"]
+    table = Table("metric", *results, title=f"{len(convs)} conversations, "
+                  f"{results[next(iter(results))]['metrics']['decisions']} decisions")
+    for k in keys:
+        vals = [results[n]["metrics"][k] for n in results]
+        table.add_row(k, *("-" if v is None else f"{v:.3f}" for v in vals))
+    console.print(table)
+    console.print(f"report: {out}")
+    if track:
+        import mlflow
+
+        from chimein.training import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri())
+        mlflow.set_experiment("chimein-eval")
+        with mlflow.start_run(run_name=f"eval--{data.stem}") as run:
+            mlflow.log_params({"data": str(data), "adapter": adapter or "-", "chattiness": chattiness,
+                               "baselines": ",".join(baseline) or "-", "conversations": len(convs)})
+            for name, r in results.items():
+                mlflow.log_metrics({f"{name}.{k}": float(v) for k, v in r["metrics"].items()
+                                    if isinstance(v, (int, float)) and v == v})
+            mlflow.log_artifact(str(out))
+        console.print(f"MLflow run {run.info.run_id} (experiment chimein-eval)")
+
+
 if __name__ == "__main__":
     app()

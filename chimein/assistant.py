@@ -1,0 +1,259 @@
+"""The group-chat assistant at run time: after each message, speak or stay silent.
+
+    from chimein.assistant import GroupChatAssistant
+    bot = GroupChatAssistant.from_adapter("local:smollm2-135m-instruct--ds-…")
+    bot.add("Alice", "who wrote the Da Vinci Code again?")   # Decision(speak=True, p_speak=0.83, response=...)
+
+The decision takes one forward pass: the "(silence)" and "(response)" continuations are scored
+together (a batch of two over their few diverging tokens) and p_speak is the response's share of
+their probability. Generation runs only when the assistant speaks. The KV cache of the
+conversation so far is kept, so a new message costs its own tokens: the runtime tokenizes the
+whole rendered conversation (cheap) and feeds the model only what differs from what it has
+already seen, rolling the cache back where a boundary tokenized differently. The ids fed are
+therefore exactly those of rendering the whole conversation with the chat template.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from chimein.conversation import Conversation, Message, parse_conversation
+from chimein.formatting import RESPONSE, SILENCE, chat_turns, marker_pattern, neutralize, render
+from chimein.presets import ModelPreset
+
+# the method's baseline instruction (DESIGN.md, "Baseline"), used for the un-tuned base model
+BASELINE_PROMPT = (
+    "You are an assistant in a group conversation. Help with relevant information or when you are "
+    'directly addressed as "assistant". Do not be overzealous: most of the time the users talk to '
+    'each other. Answer "(silence)" when you have nothing important to say, otherwise start your '
+    'answer with "(response)".'
+)
+
+
+@dataclass
+class Decision:
+    speak: bool
+    p_speak: float  # the response's share of P("(silence)") + P("(response)")
+    response: str | None = None  # the reply, when speaking
+    format_mass: float = 1.0  # P("(silence)") + P("(response)"): how much the model follows the format
+
+
+@dataclass
+class _State:
+    messages: list[Message] = field(default_factory=list)
+    fed: list[int] = field(default_factory=list)  # token ids whose keys/values are in the cache
+    cache: object = None
+    last_logits: object = None  # logits after the last fed token
+
+
+class GroupChatAssistant:
+    def __init__(self, model, tokenizer, preset: ModelPreset, chattiness: float = 0.5,
+                 max_new_tokens: int = 96, max_context_tokens: int | None = None,
+                 system_prompt: str | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.preset = preset
+        self.chattiness = chattiness
+        self.max_new_tokens = max_new_tokens
+        self.max_context_tokens = max_context_tokens or preset.max_length
+        self.system_prompt = system_prompt
+        self.pattern = marker_pattern(tokenizer, preset)
+        self.eot_id = tokenizer.convert_tokens_to_ids(preset.eot_token)
+        self.state = _State()
+
+    # --- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_adapter(cls, ref: str, quantize: bool = True, **kwargs) -> GroupChatAssistant:
+        """From a trained adapter: a directory, local:NAME, hub:ORG/NAME or an MLflow model URI
+        (models:/NAME@ALIAS, runs:/…)."""
+        import json
+        from pathlib import Path
+
+        from chimein import adapters
+
+        if ref.startswith(("models:/", "runs:/")):
+            ref = _download_mlflow_adapter(ref)
+        model, tokenizer = adapters.load_adapter(ref, quantize=quantize)
+        path = adapters.adapter_path(ref)
+        meta_file = Path(path) / "chimein.json"
+        if not meta_file.is_file():
+            from huggingface_hub import hf_hub_download
+
+            meta_file = Path(hf_hub_download(path, "chimein.json"))
+        preset = ModelPreset.model_validate(json.loads(meta_file.read_text())["preset"])
+        return cls(model, tokenizer, preset, **kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, quantize: bool = False, **kwargs) -> GroupChatAssistant:
+        """The base model of a preset, un-tuned (the `base` baseline: pass BASELINE_PROMPT)."""
+        from chimein.presets import load_preset, load_tokenizer
+        from chimein.training import QuantSettings, load_base_model
+
+        preset = load_preset(name)
+        tokenizer = load_tokenizer(preset)
+        model = load_base_model(preset, QuantSettings(load_in_4bit=quantize), tokenizer)
+        model.config.use_cache = True
+        return cls(model, tokenizer, preset, **kwargs)
+
+    # --- the conversation ---------------------------------------------------------------------
+
+    def reset(self) -> None:
+        self.state = _State()
+
+    @property
+    def conversation(self) -> Conversation:
+        return Conversation(tuple(self.state.messages))
+
+    def add(self, name: str, content: str, force: bool = False, respond: bool = True) -> Decision:
+        """A user message arrives; decide, and reply when speaking (or when `force`d).
+        respond=False scores without generating (evaluation of decisions only)."""
+        msg = parse_conversation([{"role": "user", "name": name, "content": content}]).messages[0]
+        self.state.messages.append(msg)
+        self._window()
+        d = self._decide()
+        speak = force or d.p_speak >= self.chattiness
+        if speak and respond:
+            d.response = self._generate()
+            self.state.messages.append(Message("assistant", d.response))
+        d.speak = speak
+        return d
+
+    def set_reply(self, reply: str | None) -> None:
+        """Replace what the assistant did after the last user message (teacher forcing in
+        evaluation, or an edit in an integration): None means silence."""
+        if self.state.messages and self.state.messages[-1].role == "assistant":
+            self.state.messages.pop()
+        if reply is not None:
+            self.state.messages.append(Message("assistant", reply))
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _turns(self) -> list[dict]:
+        turns = chat_turns(self.conversation, self.pattern)
+        if self.system_prompt:
+            turns.insert(0, {"role": "system", "content": self.system_prompt})
+        return turns
+
+    def _branch_ids(self) -> tuple[list[int], list[int], list[int]]:
+        """(shared context, "(silence)" remainder, "(response)" remainder), each as the whole
+        rendered conversation tokenizes: the shared part is their longest common prefix."""
+        turns = self._turns()[:-1]  # chat_turns closed the last user turn with "(silence)"
+        ids = {}
+        for label in (SILENCE, RESPONSE):
+            r = render(turns + [{"role": "assistant", "content": label}], self.tokenizer,
+                       self.preset.eot_token)
+            start = r.assistant_spans[-1][0]
+            ids[label] = self.tokenizer(r.text[: start + len(label)], add_special_tokens=False).input_ids
+        s, p = ids[SILENCE], ids[RESPONSE]
+        n = _common_prefix(s, p)
+        return s[:n], s[n:], p[n:]
+
+    def _feed(self, ids: list[int]) -> None:
+        """Bring the cache to exactly `ids`: roll back to the common prefix, feed the rest."""
+        import torch
+
+        st = self.state
+        n = _common_prefix(st.fed, ids)
+        if n == len(ids) and n == len(st.fed):
+            return
+        if n == len(ids):  # a strict prefix of what is cached: keep one token to get logits
+            n -= 1
+        if st.cache is not None and n < len(st.fed):
+            st.cache.crop(n - len(st.fed))  # transformers 5: a negative count of tokens to drop
+        new = torch.tensor([ids[n:]], device=self.model.device)
+        with torch.no_grad():
+            out = self.model(input_ids=new, cache=st.cache, use_cache=True)
+        st.cache, st.fed, st.last_logits = out.cache, list(ids), out.logits[0, -1]
+
+    def _decide(self) -> Decision:
+        import copy
+
+        import torch
+
+        context, sil, resp = self._branch_ids()
+        self._feed(context)
+        logp_first = torch.log_softmax(self.state.last_logits.float(), -1)
+        scores = {}
+        # one pass, batch of two, over the diverging tokens (all but the last of each branch)
+        rest = [b[:-1] for b in (sil, resp)]
+        width = max(len(r) for r in rest)
+        rest_logp = [[] for _ in rest]
+        if width:
+            pad = self.tokenizer.pad_token_id
+            batch = torch.tensor([r + [pad] * (width - len(r)) for r in rest], device=self.model.device)
+            cache = copy.deepcopy(self.state.cache)
+            cache.batch_repeat_interleave(2)
+            with torch.no_grad():
+                logits = self.model(input_ids=batch, cache=cache, use_cache=True).logits
+            for i, branch in enumerate((sil, resp)):
+                lp = torch.log_softmax(logits[i].float(), -1)
+                rest_logp[i] = [lp[j, branch[j + 1]].item() for j in range(len(branch) - 1)]
+        for i, (label, branch) in enumerate(((SILENCE, sil), (RESPONSE, resp))):
+            scores[label] = logp_first[branch[0]].item() + sum(rest_logp[i]) if branch else 0.0
+        p_sil, p_resp = math.exp(scores[SILENCE]), math.exp(scores[RESPONSE])
+        total = p_sil + p_resp
+        return Decision(speak=False, p_speak=p_resp / total if total > 0 else 0.0, format_mass=total)
+
+    def _generate(self) -> str:
+        """Greedy reply after the "(response)" prefix, until the end-of-turn token."""
+        import torch
+
+        context, _, resp = self._branch_ids()
+        self._feed(context + resp)
+        out: list[int] = []
+        logits = self.state.last_logits
+        for _ in range(self.max_new_tokens):
+            tok = int(torch.argmax(logits))
+            if tok == self.eot_id or tok == self.tokenizer.eos_token_id:
+                break
+            out.append(tok)
+            self._feed(self.state.fed + [tok])
+            logits = self.state.last_logits
+        text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
+        return neutralize(text, self.pattern) or "…"
+
+    def _window(self) -> None:
+        """Keep the rendered conversation under max_context_tokens by dropping whole exchanges
+        from the start (to 3/4 of the limit, so the cache is rebuilt rarely)."""
+        msgs = self.state.messages
+        if len(self.state.fed) + 64 < self.max_context_tokens:
+            return
+        budget = int(self.max_context_tokens * 0.75)
+        while sum(m.role == "user" for m in msgs) > 1:
+            text = render(self._turns(), self.tokenizer, self.preset.eot_token).text
+            if len(self.tokenizer(text, add_special_tokens=False).input_ids) <= budget:
+                break
+            drop = 1 + next((i for i, m in enumerate(msgs[1:]) if m.role == "user"), len(msgs) - 1)
+            del msgs[:drop]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _download_mlflow_adapter(uri: str) -> str:
+    """The adapter directory logged with a registered model (`adapter/` of its run)."""
+    import mlflow
+
+    from chimein.training import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient()
+    if uri.startswith("models:/"):
+        name, _, ref = uri[len("models:/"):].partition("@")
+        if ref:
+            version = client.get_model_version_by_alias(name, ref)
+        else:
+            name, _, number = uri[len("models:/"):].partition("/")
+            version = client.get_model_version(name, number)
+        run_id = version.run_id
+    else:
+        run_id = uri[len("runs:/"):].split("/")[0]
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter")
