@@ -364,7 +364,7 @@ def serve(
 
 @app.command("eval")
 def evaluate_cmd(
-    data: Annotated[Path, typer.Option(help="JSON Lines of conversations (e.g. a dataset's test split).")],
+    data: Annotated[str, typer.Option(help="JSON Lines of conversations, or a dataset version (local:ds-…, hub:ORG/NAME@ds-…) whose held-out test split is used.")],
     adapter: Annotated[Optional[str], typer.Option(help="The fine-tuned adapter to evaluate.")] = None,
     baseline: Annotated[Optional[list[str]], typer.Option(help="'base' (needs --model) and/or 'openai'.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Preset of the base baseline (default: the adapter's).")] = None,
@@ -387,8 +387,20 @@ def evaluate_cmd(
         _fail(f"unknown baseline(s) {', '.join(sorted(unknown))}: use 'base' or 'openai'")
     if not adapter and not baseline:
         _fail("nothing to evaluate: pass --adapter and/or --baseline")
-    loaded = load_conversations(data)
-    convs = loaded.conversations[:limit] if limit else loaded.conversations
+    if data.startswith(("local:", "hub:", "ds-")):
+        from chimein.dataset import load_published, split_conversations
+
+        try:
+            convs, rejected = split_conversations(load_published(data)["test"]), 0
+        except FileNotFoundError as e:
+            _fail(str(e))
+    else:
+        try:
+            loaded = load_conversations(data)
+        except FileNotFoundError as e:
+            _fail(str(e))
+        convs, rejected = loaded.conversations, len(loaded.rejected)
+    convs = convs[:limit] if limit else convs
     if not convs:
         _fail(f"{data}: no valid conversation to evaluate")
     systems = {}
@@ -411,7 +423,7 @@ def evaluate_cmd(
     for name, system in systems.items():
         err.print(f"[bold]{name}[/]")
         results[name] = report(evaluate(system, convs, progress=True))
-    full = {"data": str(data), "conversations": len(convs), "rejected": len(loaded.rejected),
+    full = {"data": data, "conversations": len(convs), "rejected": rejected,
             "chattiness": chattiness, "systems": results}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(full, indent=2, ensure_ascii=False))
@@ -432,8 +444,8 @@ def evaluate_cmd(
 
         mlflow.set_tracking_uri(tracking_uri())
         mlflow.set_experiment("chimein-eval")
-        with mlflow.start_run(run_name=f"eval--{data.stem}") as run:
-            mlflow.log_params({"data": str(data), "adapter": adapter or "-", "chattiness": chattiness,
+        with mlflow.start_run(run_name=f"eval--{Path(data).stem}") as run:
+            mlflow.log_params({"data": data, "adapter": adapter or "-", "chattiness": chattiness,
                                "baselines": ",".join(baseline) or "-", "conversations": len(convs)})
             for name, r in results.items():
                 mlflow.log_metrics({f"{name}.{k}": float(v) for k, v in r["metrics"].items()

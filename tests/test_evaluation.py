@@ -145,3 +145,25 @@ def test_eval_cli_base_and_openai_side_by_side(tmp_path, monkeypatch):
     runs = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
         [mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("chimein-eval").experiment_id])
     assert runs and runs[0].data.metrics["openai.f1"] == 1.0
+
+
+def test_eval_cli_on_a_dataset_versions_test_split(tmp_path, monkeypatch):
+    from chimein.corpus import CORPUS_DIR
+    from chimein.dataset import build_dataset, publish_local
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CHIMEIN_STORE", str(tmp_path / "store"))
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join((CORPUS_DIR / "part-0.jsonl").read_text().splitlines(keepends=True)[:10]))
+    ds, info = build_dataset(data, test_fraction=0.3)
+    publish_local(ds, info)
+    r = CliRunner().invoke(app, ["eval", "--data", info.location, "--baseline", "base", "--model",
+                                 "tiny-chatml", "--limit", "1", "--no-track", "--out", "r.json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["conversations"] == 1 and rep["data"] == info.location
+    n_user = sum(m["role"] == "user" for m in ds["test"][0]["messages"])
+    assert rep["systems"]["base"]["metrics"]["decisions"] == n_user
+    r = CliRunner().invoke(app, ["eval", "--data", "local:ds-000000000000", "--baseline", "base",
+                                 "--model", "tiny-chatml", "--no-track"])
+    assert r.exit_code == 1 and "no dataset" in r.output
