@@ -23,15 +23,15 @@ assets: setup
 	$(BIN)/chimein assets
 
 # the main job on the embedded default: offline generation → versioned dataset → training rows
-# → QLoRA training tracked in ./mlflow.db (12 steps of batch 4 x 2: ~40 s each on 2 CPU cores;
-# a GPU runs the full epoch in seconds). Reruns resume, or find the run finished.
+# → QLoRA training tracked in ./mlflow.db (conf/train/offline-cpu.yaml: 12 steps of batch 4 x 2,
+# ~45 s each on 2 CPU cores). Reruns resume, or find the run finished.
 run: assets
 	$(BIN)/chimein generate --source offline --count 200 --out outputs/conversations.jsonl --resume
 	$(BIN)/chimein dataset build --data outputs/conversations.jsonl --publish local
 	$(BIN)/chimein preprocess --model smollm2-135m-instruct --data outputs/conversations.jsonl \
 		--out outputs/preprocessed
-	$(BIN)/chimein train --model smollm2-135m-instruct --dataset outputs/conversations.jsonl \
-		--max-steps 12 --resume
+	$(BIN)/chimein train --config conf/train/offline-cpu.yaml --dataset outputs/conversations.jsonl \
+		--resume
 
 test: assets
 	$(BIN)/python -m pytest -q

@@ -106,15 +106,14 @@ class GroupChatAssistant:
     def conversation(self) -> Conversation:
         return Conversation(tuple(self.state.messages))
 
-    def add(self, name: str, content: str, force: bool = False, respond: bool = True) -> Decision:
-        """A user message arrives; decide, and reply when speaking (or when `force`d).
-        respond=False scores without generating (evaluation of decisions only)."""
+    def add(self, name: str, content: str, force: bool = False) -> Decision:
+        """A user message arrives; decide, and reply when speaking (or when `force`d)."""
         msg = parse_conversation([{"role": "user", "name": name, "content": content}]).messages[0]
         self.state.messages.append(msg)
         self._window()
         d = self._decide()
         speak = force or d.p_speak >= self.chattiness
-        if speak and respond:
+        if speak:
             d.response = self._generate()
             self.state.messages.append(Message("assistant", d.response))
         d.speak = speak

@@ -12,6 +12,7 @@ gradient checkpointing; lr 2e-4 constant after 3 % warmup; max grad norm 0.3; ma
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -321,7 +322,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbac
     labelled = check_labelled_tokens(rows)
     train_ds = Dataset.from_dict({"input_ids": rows["input_ids"], "assistant_masks": rows["assistant_masks"]})
 
-    run_name = f"{preset.name}--{version}"
+    # one run per (preset, data, settings): a changed setting is a new run, not a resume
+    settings = json.dumps(cfg.model_dump(exclude={"output_dir", "dataset", "model"}), sort_keys=True)
+    run_name = f"{preset.name}--{version}--{hashlib.sha256(settings.encode()).hexdigest()[:6]}"
     out_dir = Path(cfg.output_dir) / run_name
     last_ckpt = get_last_checkpoint(str(out_dir)) if resume and out_dir.is_dir() else None
     run_id_file = out_dir / "mlflow_run_id"
