@@ -22,16 +22,11 @@ setup: $(STAMP)
 assets: setup
 	$(BIN)/chimein assets
 
-# the main job on the embedded default: offline generation → versioned dataset → training rows
-# → QLoRA training tracked in ./mlflow.db (conf/train/offline-cpu.yaml: 12 steps of batch 4 x 2,
-# ~45 s each on 2 CPU cores). Reruns resume, or find the run finished.
+# the main job on the embedded default: the retrain flow (Prefect without a server) — offline
+# generation → versioned dataset → QLoRA training of SmolLM2 on the CPU (conf/train/offline-cpu.yaml,
+# ~45 s a step) → evaluation on held-out chats → adapter → MLflow (./mlflow.db) and its champion.
 run: assets
-	$(BIN)/chimein generate --source offline --count 200 --out outputs/conversations.jsonl --resume
-	$(BIN)/chimein dataset build --data outputs/conversations.jsonl --publish local
-	$(BIN)/chimein preprocess --model smollm2-135m-instruct --data outputs/conversations.jsonl \
-		--out outputs/preprocessed
-	$(BIN)/chimein train --config conf/train/offline-cpu.yaml --dataset outputs/conversations.jsonl \
-		--resume
+	$(BIN)/python flows/retrain.py
 
 test: assets
 	$(BIN)/python -m pytest -q

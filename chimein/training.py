@@ -295,7 +295,8 @@ class TrainResult:
     finished_earlier: bool = False  # resume found the run complete: nothing was trained
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbacks=()) -> TrainResult:
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbacks=(),
+          parent_run_id: str | None = None) -> TrainResult:
     """Train one adapter; see the module docstring. Reruns with resume=True continue the same
     MLflow run from the last checkpoint in OUTPUT_DIR/RUN_NAME/."""
     import mlflow
@@ -355,6 +356,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbac
         if last_ckpt is None:  # params are immutable: log them once, at the start
             mlflow.log_params(flat_params(cfg, preset) | {"data.version": version,
                                                           "data.max_length": str(max_length)})
+            if parent_run_id:  # a child of a comparison run
+                mlflow.set_tag("mlflow.parentRunId", parent_run_id)
             mlflow.set_tags({"chimein.family": preset.family, "chimein.preset": preset.name,
                              "chimein.base_model": preset.hub_id or preset.asset,
                              "chimein.dataset_version": version, "chimein.git_commit": git_commit(),

@@ -1,0 +1,1 @@
+"""Prefect flows, one workflow per file."""

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers that add retries, caching and artifacts around `chimein` calls."""
