@@ -454,5 +454,44 @@ def evaluate_cmd(
         console.print(f"MLflow run {run.info.run_id} (experiment chimein-eval)")
 
 
+def _stack(directory: Path, prefect_port: int, mlflow_port: int):
+    from chimein.stack import Stack
+
+    return Stack(directory.resolve(), prefect_port, mlflow_port)
+
+
+@app.command()
+def up(
+    directory: Annotated[Path, typer.Option("--dir", help="Databases, artifacts, logs and pids.")] = Path(".stack"),
+    prefect_port: Annotated[int, typer.Option(help="Prefect server port.")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow server port.")] = 5000,
+) -> None:
+    """Start the local stack: Prefect and MLflow servers, the GPU work pool, deployments, a worker."""
+    from chimein.stack import up as start
+
+    stack = _stack(directory, prefect_port, mlflow_port)
+    with err.status("starting the local stack"):
+        try:
+            status = start(stack)
+        except RuntimeError as e:
+            _fail(str(e))
+    for name, state in status.items():
+        console.print(f"{name}: {state}")
+    console.print(f"Prefect UI  http://127.0.0.1:{prefect_port}\nMLflow UI   {stack.mlflow_uri}\n"
+                  f"export PREFECT_API_URL={stack.prefect_api} MLFLOW_TRACKING_URI={stack.mlflow_uri}",
+                  soft_wrap=True)
+
+
+@app.command()
+def down(
+    directory: Annotated[Path, typer.Option("--dir", help="The stack's directory.")] = Path(".stack"),
+) -> None:
+    """Stop the local stack (the data stays in its directory)."""
+    from chimein.stack import down as stop
+
+    for name, state in stop(_stack(directory, 0, 0)).items():
+        console.print(f"{name}: {state}")
+
+
 if __name__ == "__main__":
     app()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from pydantic import BaseModel, Field
 
 from chimein.generation import load_generation_config
@@ -43,6 +43,7 @@ class RetrainParams(BaseModel):
     publish: str = Field("local", description="Adapter target: local or hub:ORG/NAME.")
     publish_dataset: str = Field("local", description="Dataset target: local or hub:ORG/NAME.")
     data_dir: str = Field("outputs/generated", description="Where generated conversations go.")
+    output_dir: str = Field("outputs/train", description="Training checkpoints and adapters.")
     refresh: bool = Field(False, description="Recompute generation (every API call again) and the dataset.")
 
 
@@ -52,7 +53,7 @@ def train_config_path(name: str | None) -> str | None:
     return str(conf_dir() / "train" / f"{name}.yaml")
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain")
 def retrain(params: RetrainParams = RetrainParams(), parent_run_id: str | None = None) -> dict:
     # data: cached on inputs + code, so a rerun spends no API call
     gen_config = load_generation_config(**params.generation.model_dump())
@@ -63,7 +64,8 @@ def retrain(params: RetrainParams = RetrainParams(), parent_run_id: str | None =
 
     # model: one MLflow run, its id passed explicitly from task to task
     train_config = load_train_config(train_config_path(params.train_config), model=params.preset,
-                                     dataset=dataset, **{"trainer.max_steps": params.max_steps})
+                                     dataset=dataset, output_dir=params.output_dir,
+                                     **{"trainer.max_steps": params.max_steps})
     result = train_adapter(train_config, parent_run_id)
     metrics = evaluate_adapter(result, dataset, params.chattiness, params.eval_limit)
     location = publish_adapter(result, params.publish)
@@ -74,11 +76,12 @@ def retrain(params: RetrainParams = RetrainParams(), parent_run_id: str | None =
                "final_train_loss": result.final_loss,
                "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
     m = summary["metrics"]
-    print(f"{result.run_name}: macro F1 {m['macro_f1']:.3f}, F1(speak) {m['f1']:.3f}, "
+    log = get_run_logger()  # not log_prints: libraries print to stdout inside tasks
+    log.info(f"{result.run_name}: macro F1 {m['macro_f1']:.3f}, F1(speak) {m['f1']:.3f}, "
           f"missed {m['missed_intervention_rate']:.3f}, false interruptions "
           f"{m['false_interruption_rate']:.3f}; adapter {location}; champion: {promoted}")
     ui = "" if tracking_uri().startswith("http") else f" --backend-store-uri {tracking_uri()}"
-    print(f"open the MLflow UI: mlflow ui{ui}")
+    log.info(f"open the MLflow UI: mlflow ui{ui}")
     return summary
 
 
