@@ -95,3 +95,31 @@ def test_io_retries_skip_the_callers_errors(exc, retry):
 
     assert retry_io(None, None, Failed(data=exc)) is retry
     assert retry_io(None, None, Failed(data=MissingAPIKey("OPENAI_API_KEY is not set"))) is False
+
+
+RUN_COMPARE = """
+import json, sys
+from flows.compare import CompareParams, compare
+rows = compare(CompareParams.model_validate_json(sys.argv[1]))
+print("SUMMARY " + json.dumps(rows, default=str))
+"""
+
+
+def test_compare_flow_makes_child_runs_and_a_comparison(tmp_path):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "CHIMEIN_STORE": str(tmp_path / "store"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env.pop("PREFECT_API_URL", None)
+    params = {"presets": ["tiny-chatml", "tiny-llama-2"],
+              "retrain": {"train_config": None, "max_steps": 2, "eval_limit": 1, "generation": {"count": 8}}}
+    proc = subprocess.run([sys.executable, "-c", RUN_COMPARE, json.dumps(params)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(next(x for x in proc.stdout.splitlines()[::-1] if x.startswith("SUMMARY "))[8:])
+    assert [r["preset"] for r in rows] == ["tiny-chatml", "tiny-llama-2"]
+    assert rows[0]["dataset"] == rows[1]["dataset"]  # one dataset version for all presets
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("chimein").experiment_id
+    (parent,) = client.search_runs([exp], "tags.mlflow.runName LIKE 'compare--%'")
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {c.info.run_id for c in children} == {r["run_id"] for r in rows}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"comparison.json", "loss_by_preset.png"}
