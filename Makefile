@@ -26,7 +26,7 @@ assets: setup
 # generation → versioned dataset → QLoRA training of SmolLM2 on the CPU (conf/train/offline-cpu.yaml,
 # ~45 s a step) → evaluation on held-out chats → adapter → MLflow (./mlflow.db) and its champion.
 run: assets
-	$(BIN)/python flows/retrain.py
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python flows/retrain.py
 
 test: assets
 	$(BIN)/python -m pytest -q

@@ -35,7 +35,7 @@ def run_retrain(params: dict, cwd: Path, env: dict) -> dict:
 def test_retrain_flow_end_to_end_and_cached(tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "CHIMEIN_STORE": str(tmp_path / "store"),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OPENAI_API_KEY": "sk-test-not-real",
-           "PREFECT_LOGGING_LEVEL": "WARNING"}
+           "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     with FakeLLM("openai") as fake:
         params = {"preset": "tiny-chatml", "train_config": None, "max_steps": 2, "eval_limit": 1,
@@ -107,7 +107,7 @@ print("SUMMARY " + json.dumps(rows, default=str))
 
 def test_compare_flow_makes_child_runs_and_a_comparison(tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "CHIMEIN_STORE": str(tmp_path / "store"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PREFECT_LOGGING_LEVEL": "WARNING"}
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     params = {"presets": ["tiny-chatml", "tiny-llama-2"],
               "retrain": {"train_config": None, "max_steps": 2, "eval_limit": 1, "generation": {"count": 8}}}
