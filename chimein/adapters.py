@@ -91,19 +91,26 @@ def adapter_path(ref: str) -> str:
     return ref
 
 
+def adapter_meta(ref: str) -> dict:
+    """chimein.json of an adapter: its preset, dataset version, MLflow run, hyperparameters."""
+    from huggingface_hub import hf_hub_download
+
+    path = adapter_path(ref)
+    meta_file = Path(path) / "chimein.json" if Path(path).is_dir() else \
+        Path(hf_hub_download(path, "chimein.json", token=os.environ.get("HF_TOKEN")))
+    return json.loads(meta_file.read_text())
+
+
 def load_adapter(ref: str, quantize: bool = True):
     """(model, tokenizer): the base named by the adapter's preset, with the adapter on top."""
     import torch
-    from huggingface_hub import hf_hub_download
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     from chimein.training import QuantSettings, load_base_model
 
     path = adapter_path(ref)
-    meta_file = Path(path) / "chimein.json" if Path(path).is_dir() else \
-        Path(hf_hub_download(path, "chimein.json", token=os.environ.get("HF_TOKEN")))
-    meta = json.loads(meta_file.read_text())
+    meta = adapter_meta(ref)
     preset = ModelPreset.model_validate(meta["preset"])
     tokenizer = AutoTokenizer.from_pretrained(path, token=os.environ.get("HF_TOKEN"))
     base = load_base_model(preset, QuantSettings(load_in_4bit=quantize), tokenizer)

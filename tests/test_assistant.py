@@ -110,3 +110,19 @@ def test_invalid_message_is_refused_and_nothing_added(bot):
     with pytest.raises(InvalidConversation):
         bot.add("::", "hi")
     assert len(bot.conversation.messages) == 1
+
+
+def test_chat_cli_transcript():
+    from typer.testing import CliRunner
+
+    from chimein.cli import app
+
+    r = CliRunner().invoke(app, ["chat", "--base", "tiny-chatml", "--chattiness", "2"],
+                           input="Ana: hi all\nhow are you\n/as Ben\n/force\n/reset\n/as ::\nx\n/quit\n")
+    assert r.exit_code == 0, r.output
+    assert r.output.count("(silence · p_speak") == 2  # "Ana: hi all", then Ana again
+    assert "assistant (p_speak" in r.output  # /force answered the last message
+    assert "(conversation cleared)" in r.output
+    assert "empty once normalised" in r.output  # a bad name is refused, the chat goes on
+    r = CliRunner().invoke(app, ["chat"])
+    assert r.exit_code == 1 and "--adapter" in r.output

@@ -300,3 +300,20 @@ def test_adapter_round_trip_through_the_hub(workdir):
     card = files["README.md"].decode()
     assert result.dataset_version in card and "base_model:" in card
     assert b"hf_secret" not in b"".join(files.values())
+
+
+def test_assistant_loads_the_registered_champion_from_mlflow(workdir):
+    from chimein.assistant import GroupChatAssistant
+
+    result = train(tiny_config(steps=1), progress=False)
+    name, version = result.registered.rsplit("/", 1)
+    client = MlflowClient(result.tracking_uri)
+    client.set_registered_model_alias(name, "champion", version)
+    bot = GroupChatAssistant.from_adapter(f"models:/{name}@champion")
+    reference, _ = adapters.load_adapter(str(result.adapter_dir))
+    assert bot.preset.name == "tiny-chatml"
+    for (n1, p1), (n2, p2) in zip(bot.model.named_parameters(), reference.named_parameters()):
+        if "lora_" in n1:
+            assert n1 == n2 and torch.equal(p1, p2)
+    d = bot.add("Ana", "hi")
+    assert 0 <= d.p_speak <= 1
