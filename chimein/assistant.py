@@ -162,7 +162,7 @@ class GroupChatAssistant:
 
         import torch
 
-        context, sil, resp = self._branch_ids()
+        context, sil, resp = self._branches = self._branch_ids()
         self._feed(context)
         logp_first = torch.log_softmax(self.state.last_logits.float(), -1)
         scores = {}
@@ -190,7 +190,7 @@ class GroupChatAssistant:
         """Greedy reply after the "(response)" prefix, until the end-of-turn token."""
         import torch
 
-        context, _, resp = self._branch_ids()
+        context, _, resp = self._branches  # computed by the decision just made
         self._feed(context + resp)
         out: list[int] = []
         logits = self.state.last_logits

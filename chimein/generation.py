@@ -21,7 +21,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -307,9 +307,6 @@ class GenerationStats:
     tokens_out: int = 0
     wall_s: float = 0.0
     total_accepted: int = 0  # in the output file, earlier runs included
-
-    def to_dict(self) -> dict:
-        return asdict(self) | {"rejected": dict(self.rejected)}
 
 
 class GenerationAborted(RuntimeError):

@@ -24,7 +24,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from chimein.assistant import GroupChatAssistant, _State
-from chimein.conversation import InvalidConversation, Message
+from chimein.conversation import InvalidConversation, parse_conversation
 
 
 class MessageIn(BaseModel):
@@ -81,15 +81,18 @@ def create_app(bot: GroupChatAssistant, max_conversations: int = 256):
 
     @app.post("/v1/chat/completions")
     def chat_completions(req: ChatRequest) -> dict:
-        history: list[Message] = []
-        for m in req.messages[:-1]:
-            if m.role == "user":
-                history.append(Message("user", m.content.strip(), m.name or "user"))
-            elif m.role == "assistant" and m.content.strip() not in ("", "(silence)"):
-                history.append(Message("assistant", m.content.strip().removeprefix("(response)").strip()))
         last = req.messages[-1]
         if last.role != "user":
             raise HTTPException(422, "the last message must be a user message (the one to react to)")
+        # the history goes through the same validation as files: names normalised, limits checked
+        raw = [{"role": "user", "name": m.name or "user", "content": m.content} if m.role == "user"
+               else {"role": "assistant", "content": m.content.strip().removeprefix("(response)")}
+               for m in req.messages[:-1]
+               if m.role == "user" or (m.role == "assistant" and m.content.strip() not in ("", "(silence)"))]
+        try:
+            history = list(parse_conversation(raw).messages) if raw else []
+        except InvalidConversation as e:
+            raise HTTPException(422, f"messages: {e.problem}") from None
         with lock:
             d = run(_State(messages=history), last.name or "user", last.content, False)
         return {

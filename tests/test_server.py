@@ -81,3 +81,18 @@ def test_openai_client_works_against_the_server(server):
     assert content == "(silence)" if not decision["speak"] else content and content != "(silence)"
     with pytest.raises(openai.UnprocessableEntityError):
         client.chat.completions.create(model="chimein", messages=[{"role": "assistant", "content": "hi"}])
+
+
+def test_openai_history_is_validated_like_files(server):
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="not-needed")
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        client.chat.completions.create(model="chimein", messages=[
+            {"role": "user", "name": "::", "content": "hi"},
+            {"role": "user", "name": "Ana", "content": "hello"}])
+    assert "empty once normalised" in e.value.response.text
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        client.chat.completions.create(model="chimein", messages=[
+            {"role": "assistant", "content": "(response) I speak first"},
+            {"role": "user", "name": "Ana", "content": "hello"}])
+    assert "starts with an assistant" in e.value.response.text
