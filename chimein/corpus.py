@@ -40,11 +40,18 @@ def participants(conv: Conversation) -> list[str]:
     return list(dict.fromkeys(m.name for m in conv.messages if m.role == "user"))
 
 
+# CJK text has no spaces: a name there is delimited by anything but a letter or digit of an
+# alphabetic script ("小艾你来吗" mentions 小艾; "Anaïs" does not mention Ana)
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
+_EDGE_BEFORE, _EDGE_AFTER = rf"(?<![^\W{_CJK}])", rf"(?![^\W{_CJK}])"
+
+
 def _name_pattern(names) -> re.Pattern | None:
     names = sorted(set(names), key=len, reverse=True)
     if not names:
         return None
-    return re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b", re.IGNORECASE)
+    return re.compile(_EDGE_BEFORE + "(" + "|".join(map(re.escape, names)) + ")" + _EDGE_AFTER,
+                      re.IGNORECASE)
 
 
 def augment(conv: Conversation, spec, pool: list[str]) -> Conversation:

@@ -99,7 +99,7 @@ def render(turns: list[dict], tokenizer, eot_token: str) -> Rendered:
         pos = at + len(ph)
         if turn["role"] == "user":
             user_spans.append((start, cursor))
-        else:
+        elif turn["role"] == "assistant":  # a system turn has no span (Llama-2 folds it into [INST])
             glue_after = probe[pos:]
             eot_at = glue_after.find(eot_token)
             if eot_at < 0 or glue_after[:eot_at].strip():
@@ -127,6 +127,16 @@ class Example:
     offsets: list[tuple[int, int]]  # each token's character range in text
     assistant_spans: list[tuple[int, int]]
     user_spans: list[tuple[int, int]]
+    decision_masks: list[int] = ()  # 1 on the tokens that carry the speak/silence decision
+
+
+def decision_spans(turns: list[dict], assistant_spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Where each assistant turn decides: the "(response)" label of a reply, or the whole silent
+    turn ("(silence)" and the end-of-turn token closing it). The reply text after the label is
+    not a decision."""
+    contents = [t["content"] for t in turns if t["role"] == "assistant"]
+    return [(s, e) if c == SILENCE else (s, s + len(RESPONSE))
+            for c, (s, e) in zip(contents, assistant_spans)]
 
 
 def _overlaps(offsets, spans) -> list[int]:
@@ -190,6 +200,7 @@ def encode(conversation: Conversation, tokenizer, preset: ModelPreset, max_lengt
         offsets=[tuple(o) for o in offsets],
         assistant_spans=r.assistant_spans,
         user_spans=r.user_spans,
+        decision_masks=_overlaps(offsets, decision_spans(turns, r.assistant_spans)),
     )
 
 

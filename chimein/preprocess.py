@@ -1,8 +1,9 @@
 """JSON Lines of conversations → a tokenized dataset with assistant masks, plus reports.
 
 Writes into the output directory:
-  dataset/        a `datasets.Dataset` (save_to_disk): input_ids, assistant_masks, n_turns,
-                  n_speak, truncated — what SFTTrainer consumes
+  dataset/        a `datasets.Dataset` (save_to_disk): input_ids, assistant_masks, decision_masks
+                  (the "(silence)"/"(response)" tokens), n_turns, n_speak, truncated — what
+                  SFTTrainer consumes
   examples.txt    a few rendered conversations with the labelled spans marked ⟦ ⟧
   rejected.jsonl  every rejected line as read, with its line number and reason
   summary.json    the counts printed at the end
@@ -45,7 +46,8 @@ def tokenize_conversations(conversations, lines, source: str, preset, tokenizer,
     from rich.progress import track
 
     pattern = marker_pattern(tokenizer, preset)
-    rows = {"input_ids": [], "assistant_masks": [], "n_turns": [], "n_speak": [], "truncated": []}
+    rows = {"input_ids": [], "assistant_masks": [], "decision_masks": [], "n_turns": [], "n_speak": [],
+            "truncated": []}
     rejected, examples = [], []
     items = list(zip(conversations, lines))
     for conv, line in track(items, description="tokenizing", disable=not progress):

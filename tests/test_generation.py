@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from chimein.cli import app
-from chimein.conversation import InvalidConversation, load_conversations
+from chimein.conversation import InvalidConversation, load_conversations, parse_conversation
 from chimein.corpus import group_key, load_corpus, participants
 from chimein.generation import (
     GenerationAborted,
@@ -220,3 +220,18 @@ def test_generate_cli_offline(tmp_path):
     r = CliRunner().invoke(app, ["generate", "--count", "12", "--out", str(tmp_path / "c.jsonl")])
     assert r.exit_code == 0, r.output
     assert "12 of 12" in r.output and len((tmp_path / "c.jsonl").read_text().splitlines()) == 12
+
+
+def test_augmentation_renames_mentions_in_text_without_spaces():
+    """A Chinese chat mentions 小艾 as "小艾你来不来": renamed there too, as in the name field; and
+    a name is never renamed inside a longer Latin word."""
+    from chimein.corpus import augment
+    from chimein.generation import RequestSpec
+
+    conv = parse_conversation([
+        {"role": "user", "name": "老周", "content": "小艾你来不来？Ana在吗"},
+        {"role": "user", "name": "小艾", "content": "来！老周，Anaïs也来"},
+        {"role": "user", "name": "Ana", "content": "ana here"}])
+    out = augment(conv, RequestSpec(0, 1, "t", ("Kofi", "Mei", "Lars"), 3), ["Omar"])
+    assert [m.name for m in out.messages] == ["Kofi", "Mei", "Lars"]
+    assert [m.content for m in out.messages] == ["Mei你来不来？Lars在吗", "来！Kofi，Anaïs也来", "lars here"]
