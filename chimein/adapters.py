@@ -113,7 +113,9 @@ def load_adapter(ref: str, quantize: bool = True):
     meta = adapter_meta(ref)
     preset = ModelPreset.model_validate(meta["preset"])
     tokenizer = AutoTokenizer.from_pretrained(path, token=os.environ.get("HF_TOKEN"))
-    base = load_base_model(preset, QuantSettings(load_in_4bit=quantize), tokenizer)
+    # the compute dtype it was trained with (bf16 on GPUs, and on CPUs when asked for)
+    dtype = meta.get("hyperparameters", {}).get("compute_dtype", "auto")
+    base = load_base_model(preset, QuantSettings(load_in_4bit=quantize, compute_dtype=dtype), tokenizer)
     model = PeftModel.from_pretrained(base, path, token=os.environ.get("HF_TOKEN"))
     # compute LoRA in the dtype it was trained in (TRL trains QLoRA adapters in bf16); in fp32
     # the logits would drift from what training saw

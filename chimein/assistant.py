@@ -55,6 +55,7 @@ class GroupChatAssistant:
         self.tokenizer = tokenizer
         self.preset = preset
         self.chattiness = chattiness
+        self.chattiness_source = "fixed"  # or where a calibrated threshold came from
         self.max_new_tokens = max_new_tokens
         self.max_context_tokens = max_context_tokens or preset.max_length
         self.system_prompt = system_prompt
@@ -65,16 +66,25 @@ class GroupChatAssistant:
     # --- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_adapter(cls, ref: str, quantize: bool = True, **kwargs) -> GroupChatAssistant:
+    def from_adapter(cls, ref: str, quantize: bool | None = None, chattiness: float | None = None,
+                     **kwargs) -> GroupChatAssistant:
         """From a trained adapter: a directory, local:NAME, hub:ORG/NAME or an MLflow model URI
-        (models:/NAME@ALIAS, runs:/…)."""
+        (models:/NAME@ALIAS, runs:/…). By default the base is loaded as it was trained (4-bit or
+        not) and the adapter's calibrated chattiness threshold is used."""
         from chimein import adapters
 
         if ref.startswith(("models:/", "runs:/")):
             ref = _download_mlflow_adapter(ref)
+        meta = adapters.adapter_meta(ref)
+        if quantize is None:
+            quantize = meta.get("hyperparameters", {}).get("quantization", "nf4") != "none"
         model, tokenizer = adapters.load_adapter(ref, quantize=quantize)
-        preset = ModelPreset.model_validate(adapters.adapter_meta(ref)["preset"])
-        return cls(model, tokenizer, preset, **kwargs)
+        preset = ModelPreset.model_validate(meta["preset"])
+        calibrated = meta.get("chattiness") or {"threshold": 0.5, "source": "default"}
+        bot = cls(model, tokenizer, preset,
+                  chattiness=calibrated["threshold"] if chattiness is None else chattiness, **kwargs)
+        bot.chattiness_source = calibrated["source"] if chattiness is None else "fixed"
+        return bot
 
     @classmethod
     def from_preset(cls, name: str, quantize: bool = False, **kwargs) -> GroupChatAssistant:
@@ -97,14 +107,16 @@ class GroupChatAssistant:
     def conversation(self) -> Conversation:
         return Conversation(tuple(self.state.messages))
 
-    def add(self, name: str, content: str, force: bool = False) -> Decision:
-        """A user message arrives; decide, and reply when speaking (or when `force`d)."""
+    def add(self, name: str, content: str, force: bool = False, reply: bool = True) -> Decision:
+        """A user message arrives; decide, and reply when speaking (or when `force`d). With
+        reply=False only the decision is made (evaluation of decisions alone): nothing is
+        generated or added after the message."""
         msg = parse_conversation([{"role": "user", "name": name, "content": content}]).messages[0]
         self.state.messages.append(msg)
         self._window()
         d = self._decide()
         speak = force or d.p_speak >= self.chattiness
-        if speak:
+        if speak and reply:
             d.response = self._generate()
             self.state.messages.append(Message("assistant", d.response))
         d.speak = speak
@@ -117,6 +129,74 @@ class GroupChatAssistant:
             self.state.messages.pop()
         if reply is not None:
             self.state.messages.append(Message("assistant", reply))
+
+    def score_conversation(self, conversation: Conversation) -> list[tuple[int, float, float]] | None:
+        """(message index, p_speak, format_mass) at every user message of a reference
+        conversation replayed with teacher forcing — the decisions `add` would make, in one
+        forward pass instead of one per message (evaluation and calibration).
+
+        The conversation's tokens are fed once; after them come both branches of every decision,
+        each attending only to its own context (a tree-shaped 4-D attention mask, positions
+        continuing from the decision point). Logits are computed only where a branch token is
+        scored. Returns None when the tokenization is not prefix-stable or the conversation
+        would be windowed: the caller then replays it message by message."""
+        import torch
+
+        self.reset()
+        msgs = conversation.messages
+        points = []  # (message index, context, "(silence)" remainder, "(response)" remainder)
+        for i, m in enumerate(msgs):
+            if m.role != "user":
+                continue
+            self.state.messages.append(m)
+            points.append((i, *self._branch_ids()))
+            if i + 1 < len(msgs) and msgs[i + 1].role == "assistant":
+                self.state.messages.append(msgs[i + 1])
+        self.reset()
+        main = points[-1][1]
+        if len(main) + 64 >= self.max_context_tokens or any(
+                ctx != main[:len(ctx)] or not ctx for _, ctx, _, _ in points):
+            return None
+        ids, positions, parents, keep = list(main), list(range(len(main))), [], []
+        score_at = []  # per point and branch: the logits rows scoring each of its tokens
+        for _, ctx, sil, resp in points:
+            rows = []
+            for branch in (sil, resp):
+                at = [len(ctx) - 1]  # the context's last token predicts the branch's first
+                for j, tok in enumerate(branch[:-1]):
+                    at.append(len(ids))
+                    ids.append(tok)
+                    positions.append(len(ctx) + j)
+                    parents.append((len(ctx), len(ids) - 1 - j))  # sees ctx and its own branch
+                rows.append(at)
+            score_at.append(rows)
+            keep += [x for r in rows for x in r]
+        n, total = len(main), len(ids)
+        dtype = self.model.get_input_embeddings().weight.dtype
+        allowed = torch.ones(n, n, dtype=torch.bool).tril_()
+        mask = torch.zeros(total, total, dtype=torch.bool)
+        mask[:n, :n] = allowed
+        for row, (ctx_len, first) in zip(range(n, total), parents):
+            mask[row, :ctx_len] = True
+            mask[row, first:row + 1] = True
+        bias = torch.zeros(total, total, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
+        kept = sorted(set(keep))
+        index = {x: k for k, x in enumerate(kept)}
+        device = self.model.device
+        with torch.no_grad():
+            logits = self.model(input_ids=torch.tensor([ids], device=device),
+                                position_ids=torch.tensor([positions], device=device),
+                                attention_mask=bias[None, None].to(device), use_cache=False,
+                                logits_to_keep=torch.tensor(kept, device=device)).logits[0]
+        logp = torch.log_softmax(logits.float(), -1)
+        out = []
+        for (i, _, sil, resp), rows in zip(points, score_at):
+            scores = [sum(logp[index[r], tok].item() for r, tok in zip(at, branch)) if branch else 0.0
+                      for branch, at in zip((sil, resp), rows)]
+            p_sil, p_resp = math.exp(scores[0]), math.exp(scores[1])
+            total_p = p_sil + p_resp
+            out.append((i, p_resp / total_p if total_p > 0 else 0.0, total_p))
+        return out
 
     # --- internals ----------------------------------------------------------------------------
 

@@ -216,7 +216,7 @@ def dataset_build(
     except (FileNotFoundError, PermissionError, ValueError) as e:
         _fail(str(e))
     table = Table("", "", title=f"dataset {info.version}")
-    table.add_row("train / test", f"{info.train} / {info.test}")
+    table.add_row("train / validation / test", f"{info.train} / {info.validation} / {info.test}")
     table.add_row("user messages", str(info.user_turns))
     table.add_row("speak / silence", f"{info.speak} / {info.user_turns - info.speak} "
                   f"({info.silence_ratio:.0%} silence)")
@@ -265,6 +265,10 @@ def train(
     table.add_row("steps", f"{result.steps}{note}")
     table.add_row("final train loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "-")
     table.add_row("labelled tokens", str(result.labelled_tokens))
+    if c := result.chattiness:
+        detail = (f", validation balanced accuracy {c['balanced_accuracy']:.3f}"
+                  if "balanced_accuracy" in c else "")
+        table.add_row("chattiness", f"{c['threshold']:.3f} ({c['source']}{detail})")
     table.add_row("adapter", f"{result.adapter_dir} → {where}")
     table.add_row("registered model", result.registered or "-")
     console.print(table)
@@ -272,7 +276,7 @@ def train(
     console.print(f"compare runs: mlflow ui{ui}  (then open http://127.0.0.1:5000)", soft_wrap=True)
 
 
-def _load_assistant(adapter: Optional[str], base: Optional[str], chattiness: float):
+def _load_assistant(adapter: Optional[str], base: Optional[str], chattiness: Optional[float]):
     from chimein.assistant import BASELINE_PROMPT, GroupChatAssistant
 
     if bool(adapter) == bool(base):
@@ -281,21 +285,27 @@ def _load_assistant(adapter: Optional[str], base: Optional[str], chattiness: flo
     with err.status("loading the model"):
         if adapter:
             return GroupChatAssistant.from_adapter(adapter, chattiness=chattiness)
-        return GroupChatAssistant.from_preset(base, chattiness=chattiness, system_prompt=BASELINE_PROMPT)
+        return GroupChatAssistant.from_preset(base, chattiness=0.5 if chattiness is None else chattiness,
+                                              system_prompt=BASELINE_PROMPT)
+
+
+CHATTINESS_HELP = ("Speak when p_speak >= this. Default: the adapter's threshold, calibrated on its "
+                   "dataset's validation split when it was trained (0.5 for --base).")
 
 
 @app.command()
 def chat(
     adapter: Annotated[Optional[str], typer.Option(help="Adapter: DIR, local:NAME, hub:ORG/NAME, models:/NAME@ALIAS.")] = None,
     base: Annotated[Optional[str], typer.Option(help="Or a preset's un-tuned base model.")] = None,
-    chattiness: Annotated[float, typer.Option(help="Speak when p_speak >= this.")] = 0.5,
+    chattiness: Annotated[Optional[float], typer.Option(help=CHATTINESS_HELP)] = None,
 ) -> None:
     """An interactive group chat in the terminal. Type `Name: message`; /as NAME switches the
     speaker, /force makes the assistant answer the last message, /reset, /quit."""
     from chimein.conversation import InvalidConversation
 
     bot = _load_assistant(adapter, base, chattiness)
-    console.print(f"[bold]chimein[/] · {bot.preset.name} · chattiness {chattiness}. "
+    console.print(f"[bold]chimein[/] · {bot.preset.name} · chattiness {bot.chattiness:.3f} "
+                  f"({bot.chattiness_source}). "
                   "Type `Name: message` (or /as NAME), /force, /reset, /quit.")
     speaker, last = "You", None
     while True:
@@ -346,7 +356,7 @@ def chat(
 def serve(
     adapter: Annotated[Optional[str], typer.Option(help="Adapter: DIR, local:NAME, hub:ORG/NAME, models:/NAME@ALIAS.")] = None,
     base: Annotated[Optional[str], typer.Option(help="Or a preset's un-tuned base model.")] = None,
-    chattiness: Annotated[float, typer.Option(help="Speak when p_speak >= this.")] = 0.5,
+    chattiness: Annotated[Optional[float], typer.Option(help=CHATTINESS_HELP)] = None,
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     max_conversations: Annotated[int, typer.Option(help="Conversations kept in memory (LRU).")] = 256,
@@ -364,21 +374,24 @@ def serve(
 
 @app.command("eval")
 def evaluate_cmd(
-    data: Annotated[str, typer.Option(help="JSON Lines of conversations, or a dataset version (local:ds-…, hub:ORG/NAME@ds-…) whose held-out test split is used.")],
+    data: Annotated[str, typer.Option(help="'benchmark' (the shipped hand-written chats), JSON Lines of conversations, or a dataset version (local:ds-…, hub:ORG/NAME@ds-…) whose held-out test split is used.")] = "benchmark",
     adapter: Annotated[Optional[str], typer.Option(help="The fine-tuned adapter to evaluate.")] = None,
     baseline: Annotated[Optional[list[str]], typer.Option(help="'base' (needs --model) and/or 'openai'.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Preset of the base baseline (default: the adapter's).")] = None,
     openai_model: Annotated[str, typer.Option(help="Model of the openai baseline.")] = "gpt-4o-mini",
     openai_base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible base URL.")] = None,
-    chattiness: Annotated[float, typer.Option(help="Speak when p_speak >= this.")] = 0.5,
+    chattiness: Annotated[Optional[float], typer.Option(help=CHATTINESS_HELP)] = None,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N conversations.")] = None,
+    replies: Annotated[bool, typer.Option(help="Generate replies where the system speaks (reply similarity); --no-replies scores decisions only, several times faster.")] = True,
     out: Annotated[Path, typer.Option(help="JSON report.")] = Path("outputs/eval/report.json"),
     track: Annotated[bool, typer.Option(help="Log an MLflow run with the metrics and report.")] = True,
+    log_to_run: Annotated[bool, typer.Option(help="Also record the fine-tuned adapter's benchmark metrics on its own training run (bench.*), e.g. to re-score a champion so promotion can compare with it.")] = False,
 ) -> None:
     """Evaluate when-to-speak decisions and replies, fine-tuned and baselines side by side."""
     import json
 
     from chimein.assistant import BASELINE_PROMPT, GroupChatAssistant
+    from chimein.benchmark import load_benchmark, metrics_by_case
     from chimein.conversation import load_conversations
     from chimein.evaluation import OpenAIBaseline, evaluate, report
 
@@ -387,19 +400,31 @@ def evaluate_cmd(
         _fail(f"unknown baseline(s) {', '.join(sorted(unknown))}: use 'base' or 'openai'")
     if not adapter and not baseline:
         _fail("nothing to evaluate: pass --adapter and/or --baseline")
-    if data.startswith(("local:", "hub:", "ds-")):
+    if log_to_run and (data != "benchmark" or not adapter or limit):
+        _fail("--log-to-run records the whole benchmark on the adapter's run: pass --adapter, "
+              "keep --data benchmark and drop --limit")
+    bench = None
+    if data == "benchmark":
+        bench = load_benchmark()
+        convs, rejected, fingerprint = list(bench.conversations), 0, bench.fingerprint
+    elif data.startswith(("local:", "hub:", "ds-")):
         from chimein.dataset import load_published, split_conversations
 
         try:
             convs, rejected = split_conversations(load_published(data)["test"]), 0
         except FileNotFoundError as e:
             _fail(str(e))
+        fingerprint = f"{data.rpartition('@')[2].removeprefix('local:')}:test"
     else:
+        from chimein.benchmark import fingerprint as content_fingerprint
+
         try:
             loaded = load_conversations(data)
         except FileNotFoundError as e:
             _fail(str(e))
         convs, rejected = loaded.conversations, len(loaded.rejected)
+        fingerprint = content_fingerprint(convs).replace("bench-", "file-")
+    total = sum(c.n_user for c in convs)
     convs = convs[:limit] if limit else convs
     if not convs:
         _fail(f"{data}: no valid conversation to evaluate")
@@ -412,46 +437,75 @@ def evaluate_cmd(
         if not preset:
             _fail("--baseline base needs --model PRESET (or --adapter, whose base is used)")
         with err.status("loading the base model"):
-            systems["base"] = GroupChatAssistant.from_preset(preset, chattiness=chattiness,
-                                                             system_prompt=BASELINE_PROMPT)
+            systems["base"] = GroupChatAssistant.from_preset(
+                preset, chattiness=0.5 if chattiness is None else chattiness, system_prompt=BASELINE_PROMPT)
     if "openai" in baseline:
         try:
             systems["openai"] = OpenAIBaseline(openai_model, openai_base_url)
         except RuntimeError as e:
             _fail(str(e))
-    results = {}
+    results, records = {}, {}
     for name, system in systems.items():
         err.print(f"[bold]{name}[/]")
-        results[name] = report(evaluate(system, convs, progress=True))
-    full = {"data": data, "conversations": len(convs), "rejected": rejected,
-            "chattiness": chattiness, "systems": results}
+        records[name] = evaluate(system, convs, progress=True, replies=replies)
+        results[name] = report(records[name], with_similarity=replies)
+        results[name]["chattiness"] = getattr(system, "chattiness", None)
+        results[name]["chattiness_source"] = getattr(system, "chattiness_source", "model output")
+        if bench and not limit:
+            results[name]["by_case"] = metrics_by_case(bench, records[name])
+    decisions = results[next(iter(results))]["metrics"]["decisions"]
+    full = {"data": data, "fingerprint": fingerprint, "conversations": len(convs),
+            "decisions": decisions, "total_decisions": total, "rejected": rejected, "systems": results}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(full, indent=2, ensure_ascii=False))
 
-    keys = ["precision", "recall", "f1", "macro_f1", "balanced_accuracy", "missed_intervention_rate",
-            "false_interruption_rate", "format_compliance", "response_similarity", "best_chattiness"]
-    table = Table("metric", *results, title=f"{len(convs)} conversations, "
-                  f"{results[next(iter(results))]['metrics']['decisions']} decisions")
+    keys = ["balanced_accuracy", "f1", "missed_intervention_rate", "false_interruption_rate",
+            "precision", "recall", "macro_f1", "format_compliance", "response_similarity", "best_chattiness"]
+    table = Table("metric", *results, title=f"{fingerprint}: {len(convs)} conversations, {decisions} "
+                  f"of {total} decisions")
+    table.add_row("chattiness", *(f"{r['chattiness']:.3f}" if r["chattiness"] is not None else "-"
+                                  for r in results.values()))
     for k in keys:
         vals = [results[n]["metrics"][k] for n in results]
         table.add_row(k, *("-" if v is None else f"{v:.3f}" for v in vals))
     console.print(table)
+    if bench and not limit:
+        cases = Table("hard case", "decisions", *(f"{n} bal. acc." for n in results), title="by case")
+        for case, m in results[next(iter(results))]["by_case"].items():
+            cases.add_row(case, str(m["decisions"]),
+                          *(f"{results[n]['by_case'][case]['balanced_accuracy']:.3f}" for n in results))
+        console.print(cases)
     console.print(f"report: {out}")
-    if track:
+    if track or log_to_run:
         import mlflow
 
+        from chimein.promotion import BENCH, EvalStamp, log_evaluation
         from chimein.training import tracking_uri
 
         mlflow.set_tracking_uri(tracking_uri())
+    if track:
         mlflow.set_experiment("chimein-eval")
         with mlflow.start_run(run_name=f"eval--{Path(data).stem}") as run:
             mlflow.log_params({"data": data, "adapter": adapter or "-", "chattiness": chattiness,
                                "baselines": ",".join(baseline) or "-", "conversations": len(convs)})
+            mlflow.set_tags({"eval.fingerprint": fingerprint, "eval.decisions": str(decisions),
+                             "eval.total_decisions": str(total)})
             for name, r in results.items():
                 mlflow.log_metrics({f"{name}.{k}": float(v) for k, v in r["metrics"].items()
                                     if isinstance(v, (int, float)) and v == v})
             mlflow.log_artifact(str(out))
         console.print(f"MLflow run {run.info.run_id} (experiment chimein-eval)")
+    if log_to_run:
+        from chimein import adapters
+        from chimein.assistant import _download_mlflow_adapter
+
+        ref = _download_mlflow_adapter(adapter) if adapter.startswith(("models:/", "runs:/")) else adapter
+        run_id = adapters.adapter_meta(ref)["mlflow_run_id"]
+        bot = systems["fine-tuned"]
+        log_evaluation(mlflow.MlflowClient(), run_id, BENCH, results["fine-tuned"]["metrics"],
+                       EvalStamp(fingerprint, decisions, total, bot.chattiness,
+                                 "fixed" if chattiness is not None else "calibrated"))
+        console.print(f"recorded bench.* on the adapter's training run {run_id}")
 
 
 def _stack(directory: Path, prefect_port: int, mlflow_port: int):

@@ -21,7 +21,7 @@ from pathlib import Path
 from chimein.conversation import Conversation, load_conversations
 from chimein.corpus import group_key
 
-FORMAT_VERSION = 1  # bump when the row layout changes: the same data then gets a new id
+FORMAT_VERSION = 2  # 2: a validation split; bump when the row layout changes: the same data then gets a new id
 
 
 def store_dir() -> Path:
@@ -34,6 +34,7 @@ class DatasetInfo:
     version: str
     train: int
     test: int
+    validation: int
     user_turns: int
     speak: int
     source: str
@@ -47,18 +48,29 @@ class DatasetInfo:
         return 1 - self.speak / max(self.user_turns, 1)
 
 
-def split_by_group(convs: list[Conversation], test_fraction: float, seed: int) -> tuple[list, list]:
-    """Deterministic split: a group goes to test when its seeded hash falls below test_fraction;
-    at least one group is held out when there are two or more."""
+def split_by_group(convs: list[Conversation], test_fraction: float, seed: int,
+                   validation_fraction: float = 0.0) -> tuple[list, list, list]:
+    """Deterministic (train, validation, test): a group goes to test when its seeded hash falls
+    below test_fraction, to validation when it falls in the next validation_fraction. At least
+    one group is held out for each non-empty fraction while one is left to train on."""
     keys = [group_key(c) for c in convs]
     score = {k: int(hashlib.sha256(f"{seed}:{k}".encode()).hexdigest()[:8], 16) / 16**8
              for k in set(keys)}
+    ranked = sorted(score, key=score.get)
     test_groups = {k for k, s in score.items() if s < test_fraction}
-    if not test_groups and len(score) > 1 and test_fraction > 0:
-        test_groups = {min(score, key=score.get)}
-    train = [(c, k) for c, k in zip(convs, keys) if k not in test_groups]
-    test = [(c, k) for c, k in zip(convs, keys) if k in test_groups]
-    return train, test
+    if not test_groups and len(ranked) > 1 and test_fraction > 0:
+        test_groups = {ranked[0]}
+    val_groups = {k for k, s in score.items()
+                  if test_fraction <= s < test_fraction + validation_fraction} - test_groups
+    rest = [k for k in ranked if k not in test_groups]
+    if not val_groups and len(rest) > 1 and validation_fraction > 0:
+        val_groups = {rest[0]}
+    split = {k: "test" if k in test_groups else "validation" if k in val_groups else "train"
+             for k in score}
+    parts = {"train": [], "validation": [], "test": []}
+    for c, k in zip(convs, keys):
+        parts[split[k]].append((c, k))
+    return parts["train"], parts["validation"], parts["test"]
 
 
 def _rows(pairs) -> dict:
@@ -70,9 +82,9 @@ def _rows(pairs) -> dict:
     }
 
 
-def content_version(train_rows: dict, test_rows: dict) -> str:
-    blob = json.dumps({"format": FORMAT_VERSION, "train": train_rows, "test": test_rows},
-                      sort_keys=True, ensure_ascii=False)
+def content_version(train_rows: dict, test_rows: dict, validation_rows: dict) -> str:
+    blob = json.dumps({"format": FORMAT_VERSION, "train": train_rows, "test": test_rows,
+                       "validation": validation_rows}, sort_keys=True, ensure_ascii=False)
     return "ds-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -87,9 +99,11 @@ def _lineage(data: Path) -> dict:
     return {"source": "file", "model": "-", "prompt": "-"}
 
 
-def build_dataset(data: str | Path, test_fraction: float = 0.1, seed: int = 0):
+def build_dataset(data: str | Path, test_fraction: float = 0.1, seed: int = 0,
+                  validation_fraction: float = 0.1):
     """(DatasetDict, DatasetInfo) from a JSON Lines file; invalid conversations are skipped and
-    counted (see `chimein validate` for the reasons)."""
+    counted (see `chimein validate` for the reasons). Splits: train; validation (training
+    calibrates the adapter's chattiness threshold on it); test (the quick held-out check)."""
     from datasets import Dataset, DatasetDict
 
     data = Path(data)
@@ -97,12 +111,13 @@ def build_dataset(data: str | Path, test_fraction: float = 0.1, seed: int = 0):
     if not report.conversations:
         raise ValueError(f"{data}: no valid conversation ({len(report.rejected)} rejected); "
                          f"see `chimein validate {data}`")
-    train, test = split_by_group(report.conversations, test_fraction, seed)
-    train_rows, test_rows = _rows(train), _rows(test)
-    version = content_version(train_rows, test_rows)
-    ds = DatasetDict({"train": Dataset.from_dict(train_rows), "test": Dataset.from_dict(test_rows)})
+    train, validation, test = split_by_group(report.conversations, test_fraction, seed, validation_fraction)
+    train_rows, test_rows, validation_rows = _rows(train), _rows(test), _rows(validation)
+    version = content_version(train_rows, test_rows, validation_rows)
+    ds = DatasetDict({"train": Dataset.from_dict(train_rows), "validation": Dataset.from_dict(validation_rows),
+                      "test": Dataset.from_dict(test_rows)})
     convs = report.conversations
-    info = DatasetInfo(version=version, train=len(train), test=len(test),
+    info = DatasetInfo(version=version, train=len(train), test=len(test), validation=len(validation),
                        user_turns=sum(c.n_user for c in convs), speak=sum(c.n_speak for c in convs),
                        rejected=len(report.rejected), **_lineage(data))
     return ds, info
@@ -130,7 +145,7 @@ of an assistant message after a user message.
 | source | {info.source} |
 | generation model | {info.model} |
 | prompt | {info.prompt} |
-| conversations | {info.train} train, {info.test} test (split by conversation group: no augmentation of a training conversation is in test) |
+| conversations | {info.train} train, {info.validation} validation, {info.test} test (split by conversation group: no augmentation of a training conversation is in another split) |
 | user messages | {info.user_turns} |
 | assistant speaks / stays silent | {info.speak} / {info.user_turns - info.speak} ({info.silence_ratio:.0%} silence) |
 | rejected while building | {info.rejected} |

@@ -11,6 +11,7 @@ system did, the next decision sees what really happened.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -67,23 +68,58 @@ def pr_curve(labels: list[bool], scores: list[float]) -> tuple[list[dict], dict]
     return points, best
 
 
-def evaluate(system, conversations: list[Conversation], progress: bool = False) -> list[DecisionRecord]:
+def calibrate_threshold(labels: list[bool], scores: list[float],
+                        max_fir: float | None = None) -> tuple[float, dict]:
+    """The chattiness threshold with the best balanced accuracy on (labels, p_speak scores) among
+    those whose false-interruption rate is at most max_fir (if none is, the one with the fewest
+    interruptions), and the metrics there. Thresholds sit halfway between adjacent scores (in
+    log-odds), so a score seen here is never on the edge; ties go to the higher threshold."""
+    def logit(p):
+        p = min(max(p, 1e-9), 1 - 1e-9)
+        return math.log(p / (1 - p))
+
+    ranked = sorted(set(scores))
+    cuts = [0.0] + [1 / (1 + math.exp(-(logit(a) + logit(b)) / 2)) for a, b in zip(ranked, ranked[1:])] + [1.0]
+    best, best_key = 0.5, None
+    for t in cuts:
+        m = decision_metrics(labels, [s >= t for s in scores])
+        fir = m["false_interruption_rate"]
+        within = max_fir is None or fir <= max_fir + 1e-12
+        key = (within, round(m["balanced_accuracy"], 9) if within else -fir, t)
+        if best_key is None or key > best_key:
+            best, best_key = t, key
+    return best, decision_metrics(labels, [s >= best for s in scores])
+
+
+def evaluate(system, conversations: list[Conversation], progress: bool = False,
+             replies: bool = True) -> list[DecisionRecord]:
     """Replay each conversation through `system` (add / set_reply / reset, like
-    GroupChatAssistant), recording the decision at every user message."""
+    GroupChatAssistant), recording the decision at every user message. replies=False scores the
+    decisions alone (no generation, no reply similarity), each conversation in one forward pass
+    where the system can (`score_conversation`): several times faster, the same p_speak."""
     from rich.progress import track
 
     records = []
+    one_pass = not replies and hasattr(system, "score_conversation")
     for ci, conv in track(list(enumerate(conversations)), description="evaluating", disable=not progress):
-        system.reset()
         msgs = conv.messages
+
+        def reference(i):
+            return msgs[i + 1].content if i + 1 < len(msgs) and msgs[i + 1].role == "assistant" else None
+
+        scored = system.score_conversation(conv) if one_pass else None
+        if scored is not None:  # the same decisions, in one forward pass
+            records += [DecisionRecord(ci, i, reference(i) is not None, p >= system.chattiness, p, mass,
+                                       None, reference(i)) for i, p, mass in scored]
+            continue
+        system.reset()
         for i, m in enumerate(msgs):
             if m.role != "user":
                 continue
-            reference = msgs[i + 1].content if i + 1 < len(msgs) and msgs[i + 1].role == "assistant" else None
-            d: Decision = system.add(m.name, m.content)
-            records.append(DecisionRecord(ci, i, reference is not None, d.speak, d.p_speak,
-                                          d.format_mass, d.response, reference))
-            system.set_reply(reference)  # teacher forcing
+            d: Decision = system.add(m.name, m.content, reply=replies)
+            records.append(DecisionRecord(ci, i, reference(i) is not None, d.speak, d.p_speak,
+                                          d.format_mass, d.response, reference(i)))
+            system.set_reply(reference(i))  # teacher forcing
     return records
 
 
@@ -145,7 +181,8 @@ class OpenAIBaseline:
     def reset(self) -> None:
         self.messages: list[dict] = [{"role": "system", "content": BASELINE_PROMPT}]
 
-    def add(self, name: str, content: str) -> Decision:
+    def add(self, name: str, content: str, reply: bool = True) -> Decision:
+        # the model decides and replies in one completion: `reply` changes nothing here
         # the API's name field allows [A-Za-z0-9_-]{1,64}
         safe = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64] or "user"
         self.messages += [{"role": "user", "name": safe, "content": content},

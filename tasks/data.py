@@ -49,7 +49,7 @@ def build_and_publish_dataset(data: str, publish: str = "local", test_fraction: 
     ds, info = build_dataset(data, test_fraction=test_fraction, seed=seed)
     info = publish_local(ds, info) if publish == "local" else publish_hub(ds, info, publish.removeprefix("hub:"))
     create_table_artifact(key="dataset", description=f"dataset {info.version}", table=[
-        {"version": info.version, "train": info.train, "test": info.test,
+        {"version": info.version, "train": info.train, "validation": info.validation, "test": info.test,
          "user_messages": info.user_turns, "speak": info.speak,
          "silence_ratio": round(info.silence_ratio, 3), "source": info.source,
          "location": info.location}])

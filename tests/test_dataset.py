@@ -33,11 +33,12 @@ def store(monkeypatch, tmp_path):
 
 
 def test_split_never_separates_a_conversation_from_its_augmentations(generated):
-    ds, info = build_dataset(generated, test_fraction=0.2)
-    train, test = set(ds["train"]["group"]), set(ds["test"]["group"])
-    assert train and test and not train & test
-    assert info.train + info.test == len(load_corpus()) + 80
-    assert 0.1 < info.test / (info.train + info.test) < 0.3
+    ds, info = build_dataset(generated, test_fraction=0.2, validation_fraction=0.1)
+    train, val, test = (set(ds[s]["group"]) for s in ("train", "validation", "test"))
+    assert train and val and test and not train & test and not train & val and not val & test
+    total = info.train + info.validation + info.test
+    assert total == len(load_corpus()) + 80
+    assert 0.1 < info.test / total < 0.3 and 0.03 < info.validation / total < 0.2
     assert (info.source, info.model) == ("offline", "chimein-curated-corpus")
 
 
@@ -53,7 +54,7 @@ def test_version_is_content_addressed(generated, tmp_path):
 def test_card_states_source_counts_and_ratio(generated):
     _, info = build_dataset(generated)
     card = dataset_card(info, "org/chats")
-    for fact in (info.version, "offline", f"{info.train} train, {info.test} test",
+    for fact in (info.version, "offline", f"{info.train} train, {info.validation} validation, {info.test} test",
                  f"{info.speak} / {info.user_turns - info.speak}", f"{info.silence_ratio:.0%} silence"):
         assert fact in card
 
@@ -81,7 +82,7 @@ def test_invalid_lines_are_skipped_and_counted(tmp_path, generated):
     data = tmp_path / "mixed.jsonl"
     data.write_text(generated.read_text().splitlines()[0] + "\n{broken\n")
     _, info = build_dataset(data)
-    assert (info.train + info.test, info.rejected) == (1, 1)
+    assert (info.train + info.validation + info.test, info.rejected) == (1, 1)
 
 
 def test_hub_publish_needs_a_token(generated, monkeypatch):

@@ -61,7 +61,7 @@ class Scripted:
         self.resets += 1
         self.history = []
 
-    def add(self, name, content):
+    def add(self, name, content, reply=True):
         self.history.append(("user", content))
         speak = "?" in content
         return Decision(speak=speak, p_speak=0.9 if speak else 0.1, response="Paris." if speak else None,
