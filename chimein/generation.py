@@ -432,3 +432,9 @@ def generate(cfg: GenerationConfig, out: str | Path, resume: bool = False,
             fill()
     stats.wall_s = round(time.monotonic() - started, 3)
     return stats
+
+
+def seed_for_date(seed: int, day) -> int:
+    """The generation seed of a nightly run: the run seed and the night's date, hashed, so each
+    night draws new requests and the same night always draws the same ones."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{day.isoformat()}".encode()).digest()[:4], "big")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from chimein import adapters
@@ -17,6 +17,8 @@ def train_adapter(config: TrainConfig, parent_run_id: str | None = None) -> Trai
         f"### {result.run_name}\n\n| | |\n|---|---|\n| MLflow run | `{result.run_id}` |\n"
         f"| steps | {result.steps} |\n| final train loss | {result.final_loss:.4f} |\n"
         f"| labelled tokens | {result.labelled_tokens} |\n| registered | {result.registered} |\n"
+        f"| chattiness | {(result.chattiness or {}).get('threshold', 0.5):.3f} "
+        f"({(result.chattiness or {}).get('source', 'default')}) |\n"
         f"| tracking store | `{result.tracking_uri}` |\n"))
     if result.tracking_uri.startswith("http"):
         create_link_artifact(key="mlflow-run", description="the MLflow run", link=(
@@ -24,29 +26,44 @@ def train_adapter(config: TrainConfig, parent_run_id: str | None = None) -> Trai
     return result
 
 
-@task
-def evaluate_adapter(result: TrainResult, dataset: str, chattiness: float = 0.5,
-                     limit: int | None = None) -> dict:
-    """Decision metrics on the dataset's held-out split, logged to the training run as eval.*"""
+@task(task_run_name="evaluate-{on}")
+def evaluate_adapter(result: TrainResult, on: str = "benchmark", dataset: str | None = None,
+                     chattiness: float | None = None, limit: int | None = None) -> dict:
+    """Decision metrics of the adapter (decisions only, no generation), logged on its training
+    run with what makes them comparable (promotion.EvalStamp):
+
+    on="benchmark": the shipped hand-written benchmark, as bench.* (decides promotion);
+    on="heldout": the dataset version's held-out test split, as heldout.* (a quick check).
+    chattiness None: the adapter's calibrated threshold. limit: the first N conversations only."""
     import mlflow
 
     from chimein.assistant import GroupChatAssistant
+    from chimein.benchmark import load_benchmark
     from chimein.dataset import load_published, split_conversations
     from chimein.evaluation import evaluate, report
+    from chimein.promotion import BENCH, HELDOUT, EvalStamp, log_evaluation
 
-    convs = split_conversations(load_published(dataset)["test"])[:limit]
+    if on == "benchmark":
+        bench = load_benchmark()
+        convs, fingerprint, prefix = list(bench.conversations), bench.fingerprint, BENCH
+    else:
+        convs = split_conversations(load_published(dataset)["test"])
+        fingerprint, prefix = f"{dataset.rpartition('@')[2].removeprefix('local:')}:test", HELDOUT
+    total = sum(c.n_user for c in convs)
+    convs = convs[:limit] if limit else convs
     bot = GroupChatAssistant.from_adapter(str(result.adapter_dir), chattiness=chattiness)
-    metrics = report(evaluate(bot, convs))["metrics"]
-    client = mlflow.MlflowClient(tracking_uri())
-    for k, v in metrics.items():
-        if isinstance(v, (int, float)) and v == v:
-            client.log_metric(result.run_id, f"eval.{k}", float(v))
-    keys = ["decisions", "precision", "recall", "f1", "macro_f1", "balanced_accuracy",
-            "missed_intervention_rate", "false_interruption_rate", "format_compliance",
-            "response_similarity"]
-    create_table_artifact(key="evaluation", description=f"held-out split of {dataset}",
-                          table=[{k: metrics[k] for k in keys}])
-    return metrics
+    metrics = report(evaluate(bot, convs, replies=False), with_similarity=False)["metrics"]
+    stamp = EvalStamp(fingerprint, metrics["decisions"], total, bot.chattiness,
+                      "fixed" if chattiness is not None else "calibrated")
+    log_evaluation(mlflow.MlflowClient(tracking_uri()), result.run_id, prefix, metrics, stamp)
+    keys = ["decisions", "balanced_accuracy", "f1", "missed_intervention_rate",
+            "false_interruption_rate", "precision", "recall", "macro_f1", "format_compliance"]
+    create_table_artifact(
+        key=f"evaluation-{on}", description=f"{prefix}.*: {fingerprint}, {stamp.decisions} of {total} "
+        f"decisions, chattiness {bot.chattiness:.3f} ({bot.chattiness_source})",
+        table=[{k: round(metrics[k], 3) if isinstance(metrics[k], float) else metrics[k] for k in keys}])
+    return metrics | {"fingerprint": fingerprint, "complete": stamp.complete, "total_decisions": total,
+                      "chattiness": bot.chattiness, "chattiness_source": bot.chattiness_source}
 
 
 @task(retries=2, retry_delay_seconds=30)
@@ -57,23 +74,18 @@ def publish_adapter(result: TrainResult, target: str = "local") -> str:
 
 
 @task
-def promote_if_better(result: TrainResult, metric: str, value: float, alias: str = "champion") -> bool:
-    """Point `alias` at the new registered version if it beats the current holder on `metric`
-    (eval.METRIC of its run); the first version always gets it."""
+def promote_if_better(result: TrainResult, metric: str, alias: str = "champion") -> dict:
+    """Move `alias` to the new registered version only if it beats the holder on the same
+    benchmark, both scored in full (chimein.promotion); the verdict says why either way."""
     import mlflow
 
+    from chimein.promotion import Verdict, promote
+
     if not result.registered:
-        return False
-    name, version = result.registered.rsplit("/", 1)
-    client = mlflow.MlflowClient(tracking_uri())
-    try:
-        current = client.get_model_version_by_alias(name, alias)
-    except mlflow.exceptions.MlflowException:
-        current = None
-    best = client.get_run(current.run_id).data.metrics.get(f"eval.{metric}") if current else None
-    if current is not None and str(current.version) == version:
-        return True
-    if best is not None and value <= best:
-        return False
-    client.set_registered_model_alias(name, alias, version)
-    return True
+        verdict = Verdict(False, "the adapter is not registered in MLflow (see the run's "
+                                 "chimein.registered tag)")
+    else:
+        verdict = promote(mlflow.MlflowClient(tracking_uri()), result.registered, metric, alias)
+    get_run_logger().info(f"@{alias}: {'moved to ' + result.registered if verdict.move else 'not moved'}"
+                          f" — {verdict.reason}")
+    return {"moved": verdict.move, "reason": verdict.reason}

@@ -32,58 +32,126 @@ def run_retrain(params: dict, cwd: Path, env: dict) -> dict:
     return json.loads(line[len("SUMMARY "):])
 
 
-def test_retrain_flow_end_to_end_and_cached(tmp_path):
+def flow_env(tmp_path) -> dict:
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "CHIMEIN_STORE": str(tmp_path / "store"),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OPENAI_API_KEY": "sk-test-not-real",
            "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def test_retrain_flow_end_to_end_and_cached(tmp_path):
+    from chimein.benchmark import load_benchmark
+
+    env = flow_env(tmp_path)
     with FakeLLM("openai") as fake:
-        params = {"preset": "tiny-chatml", "train_config": None, "max_steps": 2, "eval_limit": 1,
+        params = {"preset": "tiny-chatml", "train_config": None, "max_steps": 2, "heldout_limit": 1,
                   "generation": {"source": "openai", "count": 10, "base_url": fake.base_url}}
         first = run_retrain(params, tmp_path, env)
         calls = len(fake.requests)
         second = run_retrain(params, tmp_path, env)
         assert len(fake.requests) == calls == 10  # the rerun made no generation request
-        third = run_retrain(params | {"refresh": True}, tmp_path, env)
+        third = run_retrain(params | {"refresh": True, "max_steps": 1, "benchmark_limit": 3}, tmp_path, env)
         assert len(fake.requests) == 2 * calls  # refresh regenerates
-    assert first["registered"] == "chimein-tiny-chatml/1" and first["champion"] is True
+    # the first version scored on the whole benchmark takes the alias; a partial score never does
+    assert first["registered"] == "chimein-tiny-chatml/1" and first["champion"]["moved"] is True
     assert second["run_id"] == first["run_id"]  # same data and settings: nothing retrained
-    assert third["registered"] is not None
+    assert third["registered"] == "chimein-tiny-chatml/2" and third["champion"]["moved"] is False
+    assert "promotion needs the whole benchmark" in third["champion"]["reason"]
+    partial = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(third["run_id"]).data
+    assert partial.tags["bench_partial.complete"] == "false" and "bench.fingerprint" not in partial.tags
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     run = client.get_run(first["run_id"])
-    assert run.data.params["preset.name"] == "tiny-chatml" and "eval.macro_f1" in run.data.metrics
+    bench = load_benchmark()
+    assert run.data.params["preset.name"] == "tiny-chatml"
+    # both metric sets, each with what makes it comparable
+    assert run.data.metrics["bench.decisions"] == bench.decisions
+    assert run.data.tags["bench.fingerprint"] == bench.fingerprint == first["benchmark_fingerprint"]
+    assert run.data.tags["bench.complete"] == "true" and "bench.balanced_accuracy" in run.data.metrics
+    assert run.data.tags["heldout.fingerprint"] == first["dataset"].removeprefix("local:") + ":test"
+    assert run.data.tags["heldout.decisions"] == str(int(run.data.metrics["heldout.decisions"]))
+    assert float(run.data.tags["bench.chattiness"]) == pytest.approx(run.data.metrics["calibration.threshold"])
     assert [m.step for m in client.get_metric_history(first["run_id"], "loss")] == [1, 2]
     assert "adapter/adapter_model.safetensors" in {a.path for a in client.list_artifacts(first["run_id"], "adapter")}
     assert str(client.get_model_version_by_alias("chimein-tiny-chatml", "champion").version) == "1"
     assert first["dataset"].startswith("local:ds-") and first["adapter"].startswith("local:tiny-chatml--")
 
 
-def _registered_versions(tmp_path, values):
-    """Registered versions of one model whose runs carry eval.macro_f1 = value."""
+def test_nightly_runs_retrain_on_new_data_and_never_pay_twice(tmp_path):
+    """Two nights: two dataset versions and two training runs; the same night again (here through
+    the flow run's scheduled start time, as a scheduled run gets it) makes no request."""
+    env = flow_env(tmp_path)
+    with FakeLLM("openai") as fake:
+        params = {"preset": "tiny-chatml", "train_config": None, "max_steps": 1, "heldout_limit": 1,
+                  "benchmark_limit": 2, "nightly": True,
+                  "generation": {"source": "openai", "count": 6, "base_url": fake.base_url}}
+        night1 = run_retrain(params | {"night": "2026-11-01"}, tmp_path, env)
+        night2 = run_retrain(params | {"night": "2026-11-02"}, tmp_path, env)
+        assert len(fake.requests) == 12
+        scheduled = {**env, "PREFECT__RUNTIME__FLOW_RUN__SCHEDULED_START_TIME": "2026-11-01T03:00:00+01:00"}
+        again = run_retrain(params, tmp_path, scheduled)
+        assert len(fake.requests) == 12  # night 1 re-triggered: its data is reused, nothing paid again
+    assert night1["dataset"] != night2["dataset"]
+    assert night1["run_id"] != night2["run_id"] and night1["run_name"] != night2["run_name"]
+    assert again["dataset"] == night1["dataset"] and again["run_id"] == night1["run_id"]
+
+
+def _registered_versions(tmp_path, evaluations):
+    """Registered versions of one model whose runs carry bench.balanced_accuracy and the stamp
+    of the evaluation: (value, fingerprint, decisions scored, chattiness source)."""
+    from chimein.promotion import BENCH, EvalStamp, log_evaluation
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     client.create_registered_model("chimein-probe")
     exp = client.create_experiment("probe")
     results = []
-    for v in values:
+    for value, fingerprint, decisions, source in evaluations:
         run = client.create_run(exp)
-        client.log_metric(run.info.run_id, "eval.macro_f1", v)
+        log_evaluation(client, run.info.run_id, BENCH, {"balanced_accuracy": value, "decisions": decisions},
+                       EvalStamp(fingerprint, decisions, 600, 0.3, source))
         mv = client.create_model_version("chimein-probe", f"runs:/{run.info.run_id}/model", run.info.run_id)
         results.append(TrainResult(run.info.run_id, "probe", Path("."), "ds-x", 1, 1.0, 1, None, uri,
                                    f"chimein-probe/{mv.version}"))
     return client, results
 
 
-def test_champion_moves_only_when_the_metric_improves(tmp_path, monkeypatch):
+def test_champion_moves_only_on_the_same_whole_benchmark(tmp_path, monkeypatch):
     from tasks.model import promote_if_better
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client, (v1, v2, v3) = _registered_versions(tmp_path, [0.5, 0.4, 0.7])
-    assert promote_if_better.fn(v1, "macro_f1", 0.5)  # first: always champion
-    assert not promote_if_better.fn(v2, "macro_f1", 0.4)  # worse: stays with v1
-    assert str(client.get_model_version_by_alias("chimein-probe", "champion").version) == "1"
-    assert promote_if_better.fn(v3, "macro_f1", 0.7)  # better: moves
-    assert str(client.get_model_version_by_alias("chimein-probe", "champion").version) == "3"
+    client, versions = _registered_versions(tmp_path, [
+        (0.80, "bench-a", 600, "calibrated"),  # v1: the first whole-benchmark score
+        (0.95, "bench-a", 120, "calibrated"),  # v2: better, but on a subset
+        (0.95, "bench-b", 600, "calibrated"),  # v3: better, on another benchmark
+        (0.95, "bench-a", 600, "fixed"),       # v4: better, at a fixed threshold
+        (0.70, "bench-a", 600, "calibrated"),  # v5: comparable and worse
+        (0.90, "bench-a", 600, "calibrated"),  # v6: comparable and better
+    ])
+
+    def champion():
+        return str(client.get_model_version_by_alias("chimein-probe", "champion").version)
+
+    verdicts = [promote_if_better.fn(v, "balanced_accuracy") for v in versions]
+    assert [v["moved"] for v in verdicts] == [True, False, False, False, False, True]
+    assert "promotion needs the whole benchmark" in verdicts[1]["reason"]
+    assert "not comparable" in verdicts[2]["reason"] and "bench-b" in verdicts[2]["reason"]
+    assert "not comparable" in verdicts[3]["reason"] and "fixed" in verdicts[3]["reason"]
+    assert "not better" in verdicts[4]["reason"]
+    assert champion() == "6"
+    # the verdict is on each run, for the MLflow UI
+    assert client.get_run(versions[2].run_id).data.tags["chimein.promotion"].startswith("kept: not comparable")
+
+
+def test_champion_without_a_benchmark_score_is_never_replaced_blindly(tmp_path, monkeypatch):
+    from tasks.model import promote_if_better
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client, (old, new) = _registered_versions(tmp_path, [(0.5, "bench-a", 600, "calibrated")] * 2)
+    client.set_registered_model_alias("chimein-probe", "champion", "1")
+    client.delete_tag(old.run_id, "bench.fingerprint")  # e.g. scored before the benchmark existed
+    verdict = promote_if_better.fn(new, "balanced_accuracy")
+    assert not verdict["moved"] and "--log-to-run" in verdict["reason"]
 
 
 @pytest.mark.parametrize("exc, retry", [(RuntimeError("429 again"), True), (ValueError("bad"), False)])
@@ -110,7 +178,8 @@ def test_compare_flow_makes_child_runs_and_a_comparison(tmp_path):
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     params = {"presets": ["tiny-chatml", "tiny-llama-2"],
-              "retrain": {"train_config": None, "max_steps": 2, "eval_limit": 1, "generation": {"count": 8}}}
+              "retrain": {"train_config": None, "max_steps": 2, "heldout_limit": 1, "benchmark_limit": 2,
+                          "generation": {"count": 8}}}
     proc = subprocess.run([sys.executable, "-c", RUN_COMPARE, json.dumps(params)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

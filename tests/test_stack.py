@@ -50,7 +50,7 @@ def test_local_stack_runs_the_nightly_deployment(tmp_path, monkeypatch):
         assert up(stack) == {"prefect-server": "started", "mlflow-server": "started", "worker": "started"}
         assert up(stack) == {"prefect-server": "running", "mlflow-server": "running", "worker": "running"}
 
-        params = {"preset": "tiny-chatml", "train_config": None, "max_steps": 2, "eval_limit": 1,
+        params = {"preset": "tiny-chatml", "train_config": None, "max_steps": 2, "heldout_limit": 1,
                   "generation": {"count": 8}, "data_dir": str(tmp_path / "generated"),
                   "output_dir": str(tmp_path / "train")}
         proc = subprocess.run([sys.executable, "-c", API_SCRIPT, json.dumps(params)], env=stack.env(),
@@ -64,7 +64,7 @@ def test_local_stack_runs_the_nightly_deployment(tmp_path, monkeypatch):
         # the flow run logged to the MLflow *server*
         client = mlflow.MlflowClient(stack.mlflow_uri)
         (run,) = client.search_runs([client.get_experiment_by_name("chimein").experiment_id])
-        assert run.data.params["preset.name"] == "tiny-chatml" and "eval.macro_f1" in run.data.metrics
+        assert run.data.params["preset.name"] == "tiny-chatml" and "bench.balanced_accuracy" in run.data.metrics
         assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
         assert "adapter/adapter_model.safetensors" in {
             a.path for a in client.list_artifacts(run.info.run_id, "adapter")}

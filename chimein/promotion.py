@@ -1,0 +1,136 @@
+"""Evaluations recorded on MLflow runs, and champion promotion that compares only like with like.
+
+Every evaluation is logged on the training run with what makes it comparable: the evaluation set's
+fingerprint (`bench-…` for the shipped benchmark, the dataset version for a held-out split), the
+number of decisions scored, whether the whole set was scored, and the chattiness threshold (and
+where it came from: calibrated with the adapter, or fixed by the caller). Two metric sets:
+
+    bench.*     the shipped benchmark (chimein/benchmark.py): the only one that decides promotion
+    heldout.*   the run's own held-out split, a quick check (splits differ per dataset version)
+
+The `champion` alias moves only when the new version beats its holder on the same benchmark, both
+scored in full, with the same kind of threshold; otherwise nothing moves and the reason says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BENCH, HELDOUT = "bench", "heldout"
+METRICS = ("balanced_accuracy", "macro_f1", "f1", "precision", "recall", "accuracy")
+LOWER_IS_BETTER = ("missed_intervention_rate", "false_interruption_rate")
+
+
+@dataclass(frozen=True)
+class EvalStamp:
+    """What an evaluation was scored on; equal stamps (but for `chattiness` when calibrated) are
+    comparable."""
+
+    fingerprint: str
+    decisions: int  # scored
+    total: int  # in the whole set
+    chattiness: float
+    chattiness_source: str  # "calibrated" (the adapter's own threshold) or "fixed"
+
+    @property
+    def complete(self) -> bool:
+        return self.decisions == self.total
+
+    def tags(self, prefix: str) -> dict[str, str]:
+        return {f"{prefix}.fingerprint": self.fingerprint, f"{prefix}.decisions": str(self.decisions),
+                f"{prefix}.total_decisions": str(self.total), f"{prefix}.complete": str(self.complete).lower(),
+                f"{prefix}.chattiness": f"{self.chattiness:.6g}",
+                f"{prefix}.chattiness_source": self.chattiness_source}
+
+    @classmethod
+    def from_tags(cls, tags: dict, prefix: str) -> EvalStamp | None:
+        if f"{prefix}.fingerprint" not in tags:
+            return None
+        return cls(tags[f"{prefix}.fingerprint"], int(tags[f"{prefix}.decisions"]),
+                   int(tags[f"{prefix}.total_decisions"]), float(tags[f"{prefix}.chattiness"]),
+                   tags[f"{prefix}.chattiness_source"])
+
+
+def log_evaluation(client, run_id: str, prefix: str, metrics: dict, stamp: EvalStamp) -> None:
+    """Metrics as PREFIX.NAME and the stamp as PREFIX.* tags, on the training run. A partial
+    evaluation (a subset of the set) goes to PREFIX_partial.*, so it never overwrites a whole one."""
+    prefix = prefix if stamp.complete else f"{prefix}_partial"
+    import time
+
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(f"{prefix}.{k}", float(v), now, 0) for k, v in metrics.items()
+                                      if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v],
+                     tags=[RunTag(k, v) for k, v in stamp.tags(prefix).items()])
+
+
+@dataclass(frozen=True)
+class Verdict:
+    move: bool
+    reason: str
+
+
+def compare(metric: str, new_value: float | None, new: EvalStamp | None,
+            holder: tuple[str, float | None, EvalStamp | None] | None) -> Verdict:
+    """Whether a new version takes the alias from its holder: (name, value, stamp), or None when
+    nobody holds it."""
+    if new is None or new_value is None:
+        return Verdict(False, f"this run has no benchmark evaluation (bench.{metric}); promotion needs one")
+    if not new.complete:
+        return Verdict(False, f"this run scored {new.decisions} of the {new.total} decisions of "
+                              f"{new.fingerprint}; promotion needs the whole benchmark")
+    if holder is None:
+        return Verdict(True, f"first version scored on {new.fingerprint}: {metric} {new_value:.3f}")
+    holder_name, holder_value, stamp = holder
+    if stamp is None or holder_value is None:
+        return Verdict(False, f"not comparable: {holder_name} has no bench.{metric}. Re-evaluate it "
+                              "(`chimein eval --adapter models:/NAME@champion --log-to-run`) to compare")
+    why = None
+    if stamp.fingerprint != new.fingerprint:
+        why = f"{holder_name} was scored on {stamp.fingerprint}, this run on {new.fingerprint}"
+    elif not stamp.complete or stamp.decisions != new.decisions:
+        why = f"{holder_name} scored {stamp.decisions} of {stamp.total} decisions, this run {new.decisions}"
+    elif stamp.chattiness_source != new.chattiness_source or (
+            new.chattiness_source == "fixed" and stamp.chattiness != new.chattiness):
+        why = (f"{holder_name} was scored at a {stamp.chattiness_source} chattiness {stamp.chattiness:.3f}, "
+               f"this run at a {new.chattiness_source} {new.chattiness:.3f}")
+    if why:
+        return Verdict(False, f"not comparable: {why}. Re-evaluate the champion on this benchmark "
+                              "(`chimein eval --adapter models:/NAME@champion --log-to-run`) to compare")
+    better = new_value < holder_value if metric in LOWER_IS_BETTER else new_value > holder_value
+    sign = ">" if new_value > holder_value else "<" if new_value < holder_value else "="
+    if better:
+        return Verdict(True, f"{metric} {new_value:.3f} {sign} {holder_value:.3f} of {holder_name} "
+                             f"on {new.fingerprint}")
+    return Verdict(False, f"{metric} {new_value:.3f} {sign} {holder_value:.3f} of {holder_name} on "
+                          f"{new.fingerprint}: not better")
+
+
+def promote(client, registered: str, metric: str, alias: str = "champion") -> Verdict:
+    """Point `alias` of the registered model at version NAME/VERSION if `compare` says so, from
+    the bench.* metrics and tags of both runs. The verdict is tagged on the new run."""
+    import mlflow
+
+    name, version = registered.rsplit("/", 1)
+    run_id = client.get_model_version(name, version).run_id
+    new_run = client.get_run(run_id)
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        holder = None
+    if holder is not None and str(holder.version) == version:
+        verdict = Verdict(False, f"version {version} already holds @{alias}")
+    else:
+        held = None
+        if holder is not None:
+            data = client.get_run(holder.run_id).data
+            held = (f"{name} v{holder.version} (@{alias})", data.metrics.get(f"{BENCH}.{metric}"),
+                    EvalStamp.from_tags(data.tags, BENCH))
+        tags, metrics = new_run.data.tags, new_run.data.metrics
+        prefix = BENCH if f"{BENCH}.fingerprint" in tags else f"{BENCH}_partial"
+        verdict = compare(metric, metrics.get(f"{prefix}.{metric}"), EvalStamp.from_tags(tags, prefix), held)
+        if verdict.move:
+            client.set_registered_model_alias(name, alias, version)
+    client.set_tag(run_id, "chimein.promotion", ("moved: " if verdict.move else "kept: ") + verdict.reason)
+    return verdict
