@@ -153,6 +153,8 @@ class GroupChatAssistant:
             if i + 1 < len(msgs) and msgs[i + 1].role == "assistant":
                 self.state.messages.append(msgs[i + 1])
         self.reset()
+        if not points:
+            return []
         main = points[-1][1]
         if len(main) + 64 >= self.max_context_tokens or any(
                 ctx != main[:len(ctx)] or not ctx for _, ctx, _, _ in points):

@@ -53,8 +53,9 @@ class EvalStamp:
 
 def log_evaluation(client, run_id: str, prefix: str, metrics: dict, stamp: EvalStamp) -> None:
     """Metrics as PREFIX.NAME and the stamp as PREFIX.* tags, on the training run. A partial
-    evaluation (a subset of the set) goes to PREFIX_partial.*, so it never overwrites a whole one."""
-    prefix = prefix if stamp.complete else f"{prefix}_partial"
+    benchmark score (a subset of it) goes to bench_partial.*, so it never overwrites a whole one."""
+    if prefix == BENCH and not stamp.complete:
+        prefix = f"{BENCH}_partial"
     import time
 
     from mlflow.entities import Metric, RunTag

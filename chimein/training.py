@@ -93,9 +93,11 @@ class CalibrationSettings(BaseModel):
                           "dataset's validation split and save it with the adapter (chat, serve, eval "
                           "and the flows use it by default); off: 0.5.")
     max_false_interruption_rate: float | None = Field(
-        0.05, ge=0, le=1, description="The threshold with the best balanced accuracy among those that "
+        0.03, ge=0, le=1, description="The threshold with the best balanced accuracy among those that "
         "interrupt at most this share of silent turns on validation: an unwanted interruption costs "
-        "more than a miss (a user can always address the assistant). None: best balanced accuracy.")
+        "more than a miss (a user can always address the assistant). Validation chats come from the "
+        "training distribution, so they understate interruptions on new chats (~1.5x on the "
+        "benchmark): 0.03 here aims at <= 0.05 there. None: the best balanced accuracy.")
 
 
 class TrainConfig(BaseModel):

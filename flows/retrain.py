@@ -135,25 +135,20 @@ def retrain(params: RetrainParams = RetrainParams(), parent_run_id: str | None =
 
 def summary_markdown(summary: dict, metric: str) -> str:
     keys = ["decisions", "balanced_accuracy", "f1", "missed_intervention_rate", "false_interruption_rate"]
-    rows = [f"| {name} | " + " | ".join(f"{m[k]:.3f}" if isinstance(m.get(k), float) else str(m.get(k, "-"))
-                                         for k in keys) + " |"
-            for name, m in (("benchmark (bench.*)", summary["benchmark"]),
-                            ("held-out split (heldout.*)", summary["heldout"])) if m]
+
+    def cell(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = [f"### {summary['run_name']}", "", "| evaluation | " + " | ".join(keys) + " |",
+             "|---|" + "---|" * len(keys)]
+    for name, m in (("benchmark (bench.*)", summary["benchmark"]),
+                    ("held-out split (heldout.*)", summary["heldout"])):
+        if m:
+            lines.append(f"| {name} | " + " | ".join(cell(m.get(k, "-")) for k in keys) + " |")
     p = summary["champion"]
-    return (f"### {summary['run_name']}
-
-| evaluation | " + " | ".join(keys) + " |
-|---|"
-            + "---|" * len(keys) + "
-" + "
-".join(rows)
-            + f"
-
-**champion** ({metric}): {'moved' if p['moved'] else 'not moved'} — {p['reason']}
-
-"
-            f"adapter `{summary['adapter']}`, dataset `{summary['dataset']}`, MLflow run `{summary['run_id']}`
-")
+    lines += ["", f"**champion** ({metric}): {'moved' if p['moved'] else 'not moved'} — {p['reason']}", "",
+              f"adapter `{summary['adapter']}`, dataset `{summary['dataset']}`, MLflow run `{summary['run_id']}`"]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
