@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from chimein import adapters
@@ -86,6 +86,4 @@ def promote_if_better(result: TrainResult, metric: str, alias: str = "champion")
                                  "chimein.registered tag)")
     else:
         verdict = promote(mlflow.MlflowClient(tracking_uri()), result.registered, metric, alias)
-    get_run_logger().info(f"@{alias}: {'moved to ' + result.registered if verdict.move else 'not moved'}"
-                          f" — {verdict.reason}")
     return {"moved": verdict.move, "reason": verdict.reason}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 
@@ -23,3 +24,15 @@ def preset_and_tokenizer(name: str):
 def family(request):
     """(preset, tokenizer) for each model family."""
     return preset_and_tokenizer(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_stays_with_its_test():
+    """mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI in the environment; without this, a
+    test's store would leak into every later test of the session."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

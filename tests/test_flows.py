@@ -18,15 +18,24 @@ from .fake_llm import FakeLLM
 
 RUN_RETRAIN = """
 import json, sys
+from unittest import mock
 from flows.retrain import RetrainParams, retrain
-summary = retrain(RetrainParams.model_validate_json(sys.argv[1]))
+params = RetrainParams.model_validate_json(sys.argv[1])
+if len(sys.argv) > 2:  # what a scheduled run sees: its scheduled start time (Prefect's way to set it)
+    import datetime
+    import prefect.runtime.flow_run
+    with mock.patch.object(prefect.runtime.flow_run, "scheduled_start_time",
+                           datetime.datetime.fromisoformat(sys.argv[2]), create=True):
+        summary = retrain(params)
+else:
+    summary = retrain(params)
 print("SUMMARY " + json.dumps(summary, default=str))
 """
 
 
-def run_retrain(params: dict, cwd: Path, env: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-c", RUN_RETRAIN, json.dumps(params)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+def run_retrain(params: dict, cwd: Path, env: dict, scheduled: str | None = None) -> dict:
+    proc = subprocess.run([sys.executable, "-c", RUN_RETRAIN, json.dumps(params), *([scheduled] if scheduled else [])],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     line = next(x for x in proc.stdout.splitlines()[::-1] if x.startswith("SUMMARY "))
     return json.loads(line[len("SUMMARY "):])
@@ -88,8 +97,7 @@ def test_nightly_runs_retrain_on_new_data_and_never_pay_twice(tmp_path):
         night1 = run_retrain(params | {"night": "2026-11-01"}, tmp_path, env)
         night2 = run_retrain(params | {"night": "2026-11-02"}, tmp_path, env)
         assert len(fake.requests) == 12
-        scheduled = {**env, "PREFECT__RUNTIME__FLOW_RUN__SCHEDULED_START_TIME": "2026-11-01T03:00:00+01:00"}
-        again = run_retrain(params, tmp_path, scheduled)
+        again = run_retrain(params, tmp_path, env, scheduled="2026-11-01T03:00:00+01:00")
         assert len(fake.requests) == 12  # night 1 re-triggered: its data is reused, nothing paid again
     assert night1["dataset"] != night2["dataset"]
     assert night1["run_id"] != night2["run_id"] and night1["run_name"] != night2["run_name"]
