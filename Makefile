@@ -23,8 +23,9 @@ assets: setup
 	$(BIN)/chimein assets
 
 # the main job on the embedded default: the retrain flow (Prefect without a server) — offline
-# generation → versioned dataset → QLoRA training of SmolLM2 on the CPU (conf/train/offline-cpu.yaml,
-# ~45 s a step) → evaluation on held-out chats → adapter → MLflow (./mlflow.db) and its champion.
+# generation → versioned dataset → LoRA training of SmolLM2 on the CPU (conf/train/offline-cpu.yaml,
+# ~7 min) with a calibrated threshold → the shipped benchmark (decides promotion) and 8 held-out
+# chats → adapter → MLflow (./mlflow.db) and its champion. ~8 min on 2 idle cores.
 run: assets
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python flows/retrain.py
 
