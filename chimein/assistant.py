@@ -84,6 +84,7 @@ class GroupChatAssistant:
         bot = cls(model, tokenizer, preset,
                   chattiness=calibrated["threshold"] if chattiness is None else chattiness, **kwargs)
         bot.chattiness_source = calibrated["source"] if chattiness is None else "fixed"
+        bot.adapter_meta = meta  # chimein.json: preset, dataset version, MLflow run
         return bot
 
     @classmethod

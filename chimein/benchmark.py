@@ -102,3 +102,33 @@ def metrics_by_case(benchmark: Benchmark, records) -> dict[str, dict]:
             groups.setdefault(key, []).append(r)
     return {k: decision_metrics([r.label for r in rs], [r.speak for r in rs])
             for k, rs in sorted(groups.items())}
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Conversations to score and what identifies them (comparable scores share a fingerprint)."""
+
+    conversations: list
+    fingerprint: str  # bench-… (the benchmark), ds-…:test (a held-out split), file-… (a JSONL file)
+    rejected: int = 0  # invalid lines skipped in a file
+    benchmark: Benchmark | None = None
+
+    @property
+    def total_decisions(self) -> int:
+        return sum(c.n_user for c in self.conversations)
+
+
+def load_eval_set(data: str) -> EvalSet:
+    """'benchmark', a dataset version (local:ds-…, hub:ORG/NAME@ds-…: its held-out test split) or
+    a JSON Lines file (invalid lines skipped and counted). FileNotFoundError names what is missing."""
+    if data == "benchmark":
+        bench = load_benchmark()
+        return EvalSet(list(bench.conversations), bench.fingerprint, benchmark=bench)
+    if data.startswith(("local:", "hub:", "ds-")):
+        from chimein.dataset import load_published, split_conversations
+
+        return EvalSet(split_conversations(load_published(data)["test"]),
+                       f"{data.rpartition('@')[2].removeprefix('local:')}:test")
+    loaded = load_conversations(data)
+    return EvalSet(list(loaded.conversations),
+                   fingerprint(loaded.conversations).replace("bench-", "file-"), len(loaded.rejected))

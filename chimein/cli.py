@@ -391,8 +391,7 @@ def evaluate_cmd(
     import json
 
     from chimein.assistant import BASELINE_PROMPT, GroupChatAssistant
-    from chimein.benchmark import load_benchmark, metrics_by_case
-    from chimein.conversation import load_conversations
+    from chimein.benchmark import load_eval_set, metrics_by_case
     from chimein.evaluation import OpenAIBaseline, evaluate, report
 
     baseline = baseline or []
@@ -403,28 +402,12 @@ def evaluate_cmd(
     if log_to_run and (data != "benchmark" or not adapter or limit):
         _fail("--log-to-run records the whole benchmark on the adapter's run: pass --adapter, "
               "keep --data benchmark and drop --limit")
-    bench = None
-    if data == "benchmark":
-        bench = load_benchmark()
-        convs, rejected, fingerprint = list(bench.conversations), 0, bench.fingerprint
-    elif data.startswith(("local:", "hub:", "ds-")):
-        from chimein.dataset import load_published, split_conversations
-
-        try:
-            convs, rejected = split_conversations(load_published(data)["test"]), 0
-        except FileNotFoundError as e:
-            _fail(str(e))
-        fingerprint = f"{data.rpartition('@')[2].removeprefix('local:')}:test"
-    else:
-        from chimein.benchmark import fingerprint as content_fingerprint
-
-        try:
-            loaded = load_conversations(data)
-        except FileNotFoundError as e:
-            _fail(str(e))
-        convs, rejected = loaded.conversations, len(loaded.rejected)
-        fingerprint = content_fingerprint(convs).replace("bench-", "file-")
-    total = sum(c.n_user for c in convs)
+    try:
+        evalset = load_eval_set(data)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    bench, fingerprint, total = evalset.benchmark, evalset.fingerprint, evalset.total_decisions
+    convs, rejected = evalset.conversations, evalset.rejected
     convs = convs[:limit] if limit else convs
     if not convs:
         _fail(f"{data}: no valid conversation to evaluate")
@@ -496,15 +479,10 @@ def evaluate_cmd(
             mlflow.log_artifact(str(out))
         console.print(f"MLflow run {run.info.run_id} (experiment chimein-eval)")
     if log_to_run:
-        from chimein import adapters
-        from chimein.assistant import _download_mlflow_adapter
-
-        ref = _download_mlflow_adapter(adapter) if adapter.startswith(("models:/", "runs:/")) else adapter
-        run_id = adapters.adapter_meta(ref)["mlflow_run_id"]
         bot = systems["fine-tuned"]
+        run_id = bot.adapter_meta["mlflow_run_id"]
         log_evaluation(mlflow.MlflowClient(), run_id, BENCH, results["fine-tuned"]["metrics"],
-                       EvalStamp(fingerprint, decisions, total, bot.chattiness,
-                                 "fixed" if chattiness is not None else "calibrated"))
+                       EvalStamp.of(bot, fingerprint, decisions, total))
         console.print(f"recorded bench.* on the adapter's training run {run_id}")
 
 

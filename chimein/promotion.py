@@ -43,6 +43,12 @@ class EvalStamp:
                 f"{prefix}.chattiness_source": self.chattiness_source}
 
     @classmethod
+    def of(cls, bot, fingerprint: str, decisions: int, total: int) -> EvalStamp:
+        """The stamp of `bot`'s scores (a GroupChatAssistant: its threshold and where it came from)."""
+        source = "calibrated" if bot.chattiness_source.startswith("calibrated") else "fixed"
+        return cls(fingerprint, decisions, total, bot.chattiness, source)
+
+    @classmethod
     def from_tags(cls, tags: dict, prefix: str) -> EvalStamp | None:
         if f"{prefix}.fingerprint" not in tags:
             return None

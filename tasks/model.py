@@ -38,23 +38,17 @@ def evaluate_adapter(result: TrainResult, on: str = "benchmark", dataset: str | 
     import mlflow
 
     from chimein.assistant import GroupChatAssistant
-    from chimein.benchmark import load_benchmark
-    from chimein.dataset import load_published, split_conversations
+    from chimein.benchmark import load_eval_set
     from chimein.evaluation import evaluate, report
     from chimein.promotion import BENCH, HELDOUT, EvalStamp, log_evaluation
 
-    if on == "benchmark":
-        bench = load_benchmark()
-        convs, fingerprint, prefix = list(bench.conversations), bench.fingerprint, BENCH
-    else:
-        convs = split_conversations(load_published(dataset)["test"])
-        fingerprint, prefix = f"{dataset.rpartition('@')[2].removeprefix('local:')}:test", HELDOUT
-    total = sum(c.n_user for c in convs)
-    convs = convs[:limit] if limit else convs
+    evalset = load_eval_set("benchmark" if on == "benchmark" else dataset)
+    prefix = BENCH if on == "benchmark" else HELDOUT
+    fingerprint, total = evalset.fingerprint, evalset.total_decisions
+    convs = evalset.conversations[:limit] if limit else evalset.conversations
     bot = GroupChatAssistant.from_adapter(str(result.adapter_dir), chattiness=chattiness)
     metrics = report(evaluate(bot, convs, replies=False), with_similarity=False)["metrics"]
-    stamp = EvalStamp(fingerprint, metrics["decisions"], total, bot.chattiness,
-                      "fixed" if chattiness is not None else "calibrated")
+    stamp = EvalStamp.of(bot, fingerprint, metrics["decisions"], total)
     log_evaluation(mlflow.MlflowClient(tracking_uri()), result.run_id, prefix, metrics, stamp)
     keys = ["decisions", "balanced_accuracy", "f1", "missed_intervention_rate",
             "false_interruption_rate", "precision", "recall", "macro_f1", "format_compliance"]

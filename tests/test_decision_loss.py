@@ -146,6 +146,21 @@ def test_training_calibrates_and_the_runtime_uses_it(workdir, tmp_path):
     assert bot.chattiness == calibrated["threshold"] and bot.chattiness_source == calibrated["source"]
     assert GroupChatAssistant.from_adapter(str(result.adapter_dir), chattiness=0.7).chattiness == 0.7
 
+    # re-scoring an adapter on the benchmark records bench.* on its own training run
+    from mlflow import MlflowClient
+    from typer.testing import CliRunner
+
+    from chimein.benchmark import load_benchmark
+    from chimein.cli import app
+
+    r = CliRunner().invoke(app, ["eval", "--adapter", str(result.adapter_dir), "--no-replies", "--no-track",
+                                 "--log-to-run", "--out", str(tmp_path / "report.json")])
+    assert r.exit_code == 0, r.output
+    tags = MlflowClient(result.tracking_uri).get_run(result.run_id).data.tags
+    assert tags["bench.fingerprint"] == load_benchmark().fingerprint and tags["bench.complete"] == "true"
+    assert tags["bench.chattiness_source"] == "calibrated"
+    assert float(tags["bench.chattiness"]) == pytest.approx(calibrated["threshold"])
+
 
 def test_lora_on_the_top_layers_only_leaves_the_rest_untouched(workdir):
     from chimein.training import apply_lora, load_base_model
