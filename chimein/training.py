@@ -253,6 +253,47 @@ def decision_weighted_trainer(decision_weight: float, **kwargs):
     return trainer
 
 
+def sft_args(cfg: TrainConfig, out_dir: str | Path, max_length: int, dtype, device: str, progress: bool):
+    """TRL's SFTConfig for a TrainConfig: the arguments every training of chimein runs with."""
+    import torch
+    from trl import SFTConfig
+
+    t = cfg.trainer
+    return SFTConfig(
+        output_dir=str(out_dir), per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,  # TRL 1.x: a float below 1 is a ratio
+        max_grad_norm=t.max_grad_norm, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
+        save_steps=t.save_steps, save_total_limit=t.save_total_limit, logging_steps=t.logging_steps,
+        seed=t.seed, data_seed=t.seed, max_length=max_length, bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16, report_to="none", disable_tqdm=not progress,
+        include_num_input_tokens_seen=True, dataset_num_proc=None, use_cpu=device == "cpu")
+
+
+def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, args, dtype, callbacks=()):
+    """The trainer `train` runs (TRL's SFTTrainer, or the decision-weighted one), with the adapter
+    cast to its training dtype; `trainer.adapter_dtype` says which. Also used by the benchmarks, so
+    they time the same code."""
+    import torch
+    from trl import SFTTrainer
+
+    weighted = cfg.loss.decision_weight != 1.0
+    make_trainer = (functools.partial(decision_weighted_trainer, cfg.loss.decision_weight)
+                    if weighted else SFTTrainer)
+    trainer = make_trainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
+                           callbacks=list(callbacks))
+    adapter_dtype = dtype if cfg.lora.adapter_dtype == "auto" else getattr(torch, cfg.lora.adapter_dtype)
+    for param in trainer.model.parameters():
+        if param.requires_grad:  # before the optimizer exists, so its state follows
+            param.data = param.data.to(adapter_dtype)
+    trainer.add_callback(keep_adapter_dtype(trainer.model))
+    trainer.adapter_dtype = adapter_dtype
+    return trainer
+
+
 # --- model ----------------------------------------------------------------------------------------
 
 
@@ -384,7 +425,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbac
     from mlflow import MlflowClient
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
-    from trl import SFTConfig, SFTTrainer
 
     from chimein.dataset import resolve_dataset, split_conversations
     from chimein.preprocess import EXAMPLES_LEGEND, PreprocessSummary, tokenize_conversations
@@ -456,28 +496,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbac
 
         # train
         t = cfg.trainer
-        args = SFTConfig(
-            output_dir=str(out_dir), per_device_train_batch_size=t.per_device_train_batch_size,
-            gradient_accumulation_steps=t.gradient_accumulation_steps,
-            gradient_checkpointing=t.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-            learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type,
-            warmup_steps=t.warmup_ratio,  # TRL 1.x: a float below 1 is a ratio
-            max_grad_norm=t.max_grad_norm, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
-            save_steps=t.save_steps, save_total_limit=t.save_total_limit, logging_steps=t.logging_steps,
-            seed=t.seed, data_seed=t.seed, max_length=max_length, bf16=dtype == torch.bfloat16,
-            fp16=dtype == torch.float16, report_to="none", disable_tqdm=not progress,
-            include_num_input_tokens_seen=True, dataset_num_proc=None, use_cpu=device == "cpu")
-        make_trainer = (functools.partial(decision_weighted_trainer, cfg.loss.decision_weight)
-                        if weighted else SFTTrainer)
-        trainer = make_trainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                               callbacks=[mlflow_logger(client, run_id),
-                                          loss_guard(t.collapse_patience, str(dtype)), *callbacks])
-        adapter_dtype = dtype if cfg.lora.adapter_dtype == "auto" else getattr(torch, cfg.lora.adapter_dtype)
-        for param in trainer.model.parameters():
-            if param.requires_grad:  # before the optimizer exists, so its state follows
-                param.data = param.data.to(adapter_dtype)
-        trainer.add_callback(keep_adapter_dtype(trainer.model))
+        args = sft_args(cfg, out_dir, max_length, dtype, device, progress)
+        trainer = build_trainer(cfg, model, tokenizer, train_ds, args, dtype,
+                                callbacks=[mlflow_logger(client, run_id),
+                                           loss_guard(t.collapse_patience, str(dtype)), *callbacks])
+        adapter_dtype = trainer.adapter_dtype
         result = trainer.train(resume_from_checkpoint=last_ckpt)
 
         # artifacts; chimein.json goes last: its presence marks the run as finished

@@ -1,0 +1,279 @@
+"""The 7B path, measured: QLoRA training and the decision runtime of each 7B family.
+
+    python benchmarks/gpu_qlora.py                       # on a GPU: the three 7B families
+    python benchmarks/gpu_qlora.py --families zephyr-7b-beta --steps 6 --out results.json
+    python benchmarks/gpu_qlora.py --tiny                # the tiny-* presets: checks it on a CPU
+
+For each family, a model is built from the family's published config (below) with random weights
+(no download; the compute and memory of the real one), saved, and loaded back by chimein's own
+`load_base_model` in 4-bit NF4 with bf16 compute. `apply_lora` puts LoRA r=64 on all projections;
+`build_trainer` (the trainer `chimein train` runs) trains it with the method's batch 4 x 2,
+gradient checkpointing and length 1024, on corpus chats joined to ~1024 tokens (the length the
+published comparisons use). Two trainers run on the same model, side by side:
+
+  TRL       TRL's SFTTrainer and its loss (decision weight 1.0): the method as published
+  chimein   the decision-weighted loss (weight 5), which computes logits only where a label is
+
+Each prints seconds per optimizer step (the first is discarded as warm-up), tokens per second
+(non-padding tokens) and peak GPU memory. Then the decision runtime: a fresh 4-bit base with the
+trained adapter in `GroupChatAssistant`, fed a long chat message by message: its peak memory and
+per-message decision latency (p50 at the start and at the end of the chat).
+
+Needs only torch, transformers, peft, accelerate, trl, bitsandbytes and datasets (and chimein's
+own pydantic, pyyaml and platformdirs): no MLflow, no Prefect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+# The published config.json of each family (architecture only; the weights are random).
+MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+CONFIGS = {
+    # HuggingFaceH4/zephyr-7b-beta
+    "zephyr-7b-beta": ("mistral", MISTRAL_7B | dict(vocab_size=32000, max_position_embeddings=32768)),
+    # openchat/openchat-3.5-0106
+    "openchat-3.5-0106": ("mistral", MISTRAL_7B | dict(vocab_size=32002, max_position_embeddings=8192)),
+    # meta-llama/Llama-2-7b-chat-hf
+    "llama-2-7b-chat": ("llama", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                                      max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+                                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
+}
+TINY = {"zephyr-7b-beta": "tiny-zephyr", "openchat-3.5-0106": "tiny-openchat", "llama-2-7b-chat": "tiny-llama-2"}
+VARIANTS = [("TRL SFTTrainer (the method's loss)", 1.0),
+            ("chimein decision-weighted loss", 5.0)]
+
+
+def build_random_model(name: str, dst: Path, device: str) -> None:
+    """The family's architecture with random weights, saved like a Hub checkpoint (bf16)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+
+    arch, values = CONFIGS[name]
+    config = (MistralConfig if arch == "mistral" else LlamaConfig)(**values)
+    torch.manual_seed(0)
+    with torch.device(device):  # initialising 7B parameters is seconds on a GPU, minutes on a CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(dst)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache() if device == "cuda" else None
+
+
+def joined_chats(preset, tokenizer, max_length: int, n_rows: int):
+    """Rows of corpus chats joined end to end while they fit max_length tokens."""
+    from chimein.conversation import Conversation, load_conversations
+    from chimein.formatting import TooLong, encode
+    from chimein.paths import sample_data
+
+    files = sorted(sample_data().parent.glob("part-*.jsonl"))  # the curated corpus
+    convs = [c for f in files for c in load_conversations(f).conversations]
+    rows, current = [], ()
+    for conv in convs:
+        joined = Conversation(current + conv.messages)
+        try:
+            ex = encode(joined, tokenizer, preset, max_length)
+            if ex.truncated:
+                raise TooLong("truncated")
+            current, last = joined.messages, ex
+        except TooLong:
+            if current:
+                rows.append(last)
+            current, last = conv.messages, encode(Conversation(conv.messages), tokenizer, preset, max_length)
+        if len(rows) == n_rows:
+            break
+    return rows, convs
+
+
+def measure_family(name: str, args, work: Path) -> dict:
+    import torch
+    from datasets import Dataset, disable_progress_bars
+    from peft import PeftModel
+    from transformers import TrainerCallback
+
+    from chimein.assistant import GroupChatAssistant
+    from chimein.presets import load_preset, load_tokenizer
+    from chimein.training import (apply_lora, build_trainer, load_base_model, load_train_config,
+                                  resolve_compute_dtype, sft_args)
+
+    disable_progress_bars()
+    cuda = torch.cuda.is_available()
+    preset = load_preset(TINY[name] if args.tiny else name)
+    tokenizer = load_tokenizer(preset)
+    out = {"family": preset.family, "preset": preset.name}
+    t0 = time.perf_counter()
+    if not args.tiny:  # the real architecture, random weights, loaded from a local directory
+        weights = work / name
+        build_random_model(name, weights, "cuda" if cuda else "cpu")
+        tokenizer.save_pretrained(weights)
+        preset = preset.model_copy(update={"hub_id": str(weights), "asset": None})
+        out["build_s"] = time.perf_counter() - t0
+    max_length = min(args.max_length, preset.max_length) if args.tiny else args.max_length
+    cfg = load_train_config(model=preset.name, dataset="-", output_dir=str(work / "train"),
+                            **{"lora.r": 64, "lora.alpha": 16, "quantization.load_in_4bit": True,
+                               "quantization.compute_dtype": "bfloat16",
+                               "trainer.per_device_train_batch_size": 4,
+                               "trainer.gradient_accumulation_steps": 2,
+                               "trainer.gradient_checkpointing": True,
+                               "trainer.max_steps": args.steps + 1, "trainer.save_steps": 10_000,
+                               "trainer.logging_steps": 1})
+    dtype = resolve_compute_dtype(cfg.quantization.compute_dtype)
+    batch = cfg.trainer.per_device_train_batch_size * cfg.trainer.gradient_accumulation_steps
+    examples, convs = joined_chats(preset, tokenizer, max_length, batch * (args.steps + 1))
+    train_ds = Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
+                                  "assistant_masks": [e.assistant_masks for e in examples],
+                                  "decision_masks": [e.decision_masks for e in examples]})
+    out["row_tokens_mean"] = statistics.mean(len(e.input_ids) for e in examples)
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = load_base_model(preset, cfg.quantization, tokenizer, cfg.attn_implementation)
+    out["load_4bit_s"] = time.perf_counter() - t0
+    out["weights_gb"] = torch.cuda.memory_allocated() / 1e9 if cuda else None
+    model = apply_lora(model, preset, cfg.lora, cfg.trainer.gradient_checkpointing)
+    out["lora_params_m"] = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+
+    class Steps(TrainerCallback):
+        def __init__(self):
+            self.marks = []  # (time, non-padding tokens seen)
+
+        def on_step_end(self, a, state, control, **kw):
+            torch.cuda.synchronize() if cuda else None
+            self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+
+    out["train"] = {}
+    for label, weight in VARIANTS:
+        vcfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"decision_weight": weight})})
+        sargs = sft_args(vcfg, work / "train" / f"w{weight:g}", max_length, dtype,
+                         "cuda" if cuda else "cpu", progress=False)
+        sargs.include_num_input_tokens_seen = "non_padding"
+        cols = ["input_ids", "assistant_masks"] + (["decision_masks"] if weight != 1.0 else [])
+        steps = Steps()
+        trainer = build_trainer(vcfg, model, tokenizer, train_ds.select_columns(cols), sargs, dtype,
+                                callbacks=[steps])
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        result = trainer.train()
+        (t_a, n_a), (t_b, n_b) = steps.marks[0], steps.marks[-1]
+        n_steps = len(steps.marks) - 1
+        row = {"s_per_step": (t_b - t_a) / n_steps, "tokens_per_s": (n_b - n_a) / (t_b - t_a),
+               "steps_timed": n_steps, "train_loss": result.training_loss,
+               "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
+               "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if cuda else None}
+        out["train"][label] = row
+        print(f"  {preset.name} · {label}: {row['s_per_step']:.2f} s/step, {row['tokens_per_s']:.0f} tokens/s"
+              + (f", peak {row['peak_allocated_gb']:.1f} GB" if cuda else ""), flush=True)
+        adapter = work / "adapter"
+        trainer.model.save_pretrained(adapter)
+        del trainer
+    del model
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    # the decision runtime: a fresh 4-bit base and the adapter, as `chimein serve` loads them
+    base = load_base_model(preset, cfg.quantization, tokenizer)
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    model.config.use_cache = True
+    bot = GroupChatAssistant(model, tokenizer, preset)
+    chat = max(convs[:200], key=lambda c: c.n_user)
+    users = [m for m in chat.messages if m.role == "user"] * 2  # a long chat: twice the longest
+    latencies = []
+    for m in users[: args.messages]:
+        t0 = time.perf_counter()
+        bot.add(m.name, m.content, reply=False)
+        torch.cuda.synchronize() if cuda else None
+        latencies.append(time.perf_counter() - t0)
+    k = max(len(latencies) // 4, 1)
+    out["runtime"] = {"messages": len(latencies), "tokens_in_context": len(bot.state.fed),
+                      "latency_ms_p50_first_quarter": 1000 * statistics.median(latencies[1:k + 1]),
+                      "latency_ms_p50_last_quarter": 1000 * statistics.median(latencies[-k:]),
+                      "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
+                      "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if cuda else None}
+    del bot, model, base
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    if not args.tiny:
+        shutil.rmtree(work / name, ignore_errors=True)
+    shutil.rmtree(work / "train", ignore_errors=True)
+    return out
+
+
+def main() -> None:
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--families", default=",".join(CONFIGS), help="comma-separated 7B presets")
+    ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps per trainer (+1 warm-up)")
+    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--messages", type=int, default=60, help="messages fed to the decision runtime")
+    ap.add_argument("--tiny", action="store_true", help="the tiny-* presets (a CPU check of the script)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="skip a family when the time left is under the slowest family so far")
+    ap.add_argument("--out", help="write the results as JSON here (after each family)")
+    ap.add_argument("--work-dir", help="where the random checkpoints go (default: /dev/shm if large)")
+    args = ap.parse_args()
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.tiny:
+        raise SystemExit("no CUDA device: the 7B path needs a GPU (use --tiny to check the script on a CPU)")
+    shm = Path("/dev/shm")
+    root = args.work_dir or (shm if shm.is_dir() and shutil.disk_usage(shm).free > 40e9 else None)
+    started, slowest, results = time.perf_counter(), 0.0, []
+    header = {"device": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)",
+              "torch": torch.__version__}
+    for pkg in ("transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets"):
+        header[pkg] = __import__(pkg).__version__
+    print(json.dumps(header), flush=True)
+    for name in args.families.split(","):
+        left = args.budget_s - (time.perf_counter() - started) if args.budget_s else None
+        if left is not None and left < slowest * 1.1:
+            print(f"skipped {name}: {left:.0f} s left, the slowest family took {slowest:.0f} s", flush=True)
+            continue
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            results.append(measure_family(name, args, Path(tmp)) | {"total_s": time.perf_counter() - t0})
+        slowest = max(slowest, time.perf_counter() - t0)
+        if args.out:
+            Path(args.out).write_text(json.dumps(header | {"results": results}, indent=2))
+    report(header, results)
+
+
+def report(header: dict, results: list[dict]) -> None:
+    print(f"\n{header['device']} · torch {header['torch']} · transformers {header['transformers']} · "
+          f"trl {header['trl']} · bitsandbytes {header['bitsandbytes']}")
+    print("training: 4-bit NF4, bf16 compute, LoRA r=64 on all projections, batch 4 x 2, "
+          "gradient checkpointing, rows of joined chats up to 1024 tokens")
+    print(f"{'preset':<20}{'trainer':<36}{'s/step':>8}{'tokens/s':>10}{'peak GB':>9}{'ratio':>7}")
+    for r in results:
+        base = None
+        for label, row in r["train"].items():
+            base = base or row["tokens_per_s"]
+            peak = f"{row['peak_allocated_gb']:.1f}" if row["peak_allocated_gb"] is not None else "-"
+            print(f"{r['preset']:<20}{label:<36}{row['s_per_step']:>8.2f}{row['tokens_per_s']:>10.0f}"
+                  f"{peak:>9}{row['tokens_per_s'] / base:>6.2f}x")
+    print(f"\ndecision runtime (fresh 4-bit base + adapter):")
+    print(f"{'preset':<20}{'messages':>9}{'tokens':>8}{'p50 ms start':>14}{'p50 ms end':>12}{'peak GB':>9}")
+    for r in results:
+        rt = r["runtime"]
+        peak = f"{rt['peak_allocated_gb']:.1f}" if rt["peak_allocated_gb"] is not None else "-"
+        print(f"{r['preset']:<20}{rt['messages']:>9}{rt['tokens_in_context']:>8}"
+              f"{rt['latency_ms_p50_first_quarter']:>14.1f}{rt['latency_ms_p50_last_quarter']:>12.1f}{peak:>9}")
+
+
+if __name__ == "__main__":
+    main()
