@@ -37,6 +37,8 @@ class Decision:
     p_speak: float  # the response's share of P("(silence)") + P("(response)")
     response: str | None = None  # the reply, when speaking
     format_mass: float = 1.0  # P("(silence)") + P("(response)"): how much the model follows the format
+    prompt_tokens: int = 0  # tokens of the conversation the decision was made on (after windowing)
+    completion_tokens: int = 0  # tokens generated for the reply; 0 when silent
 
 
 @dataclass
@@ -45,6 +47,18 @@ class _State:
     fed: list[int] = field(default_factory=list)  # token ids whose keys/values are in the cache
     cache: object = None
     last_logits: object = None  # logits after the last fed token
+
+    def nbytes(self) -> int:
+        """Memory held for the model: the KV cache and the last logits (the messages are small)."""
+        n = self.last_logits.nbytes if self.last_logits is not None else 0
+        if self.cache is not None:
+            n += sum(t.nbytes for layer in self.cache.layers for t in (layer.keys, layer.values)
+                     if t is not None)
+        return n
+
+    def drop_cache(self) -> None:
+        """Forget what was fed; the messages stay, and the next decision feeds them again."""
+        self.fed, self.cache, self.last_logits = [], None, None
 
 
 class GroupChatAssistant:
@@ -118,7 +132,7 @@ class GroupChatAssistant:
         d = self._decide()
         speak = force or d.p_speak >= self.chattiness
         if speak and reply:
-            d.response = self._generate()
+            d.response, d.completion_tokens = self._generate()
             self.state.messages.append(Message("assistant", d.response))
         d.speak = speak
         return d
@@ -203,16 +217,18 @@ class GroupChatAssistant:
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _turns(self) -> list[dict]:
-        turns = chat_turns(self.conversation, self.pattern)
+    def _turns(self, messages: list[Message] | None = None) -> list[dict]:
+        turns = chat_turns(Conversation(tuple(self.state.messages if messages is None else messages)),
+                           self.pattern)
         if self.system_prompt:
             turns.insert(0, {"role": "system", "content": self.system_prompt})
         return turns
 
-    def _branch_ids(self) -> tuple[list[int], list[int], list[int]]:
+    def _branch_ids(self, messages: list[Message] | None = None) -> tuple[list[int], list[int], list[int]]:
         """(shared context, "(silence)" remainder, "(response)" remainder), each as the whole
-        rendered conversation tokenizes: the shared part is their longest common prefix."""
-        turns = self._turns()[:-1]  # chat_turns closed the last user turn with "(silence)"
+        rendered conversation (by default the current one) tokenizes: the shared part is their
+        longest common prefix."""
+        turns = self._turns(messages)[:-1]  # chat_turns closed the last user turn with "(silence)"
         ids = {}
         for label in (SILENCE, RESPONSE):
             r = render(turns + [{"role": "assistant", "content": label}], self.tokenizer,
@@ -236,8 +252,8 @@ class GroupChatAssistant:
         if st.cache is not None and n < len(st.fed):
             st.cache.crop(n - len(st.fed))  # transformers 5: a negative count of tokens to drop
         new = torch.tensor([ids[n:]], device=self.model.device)
-        with torch.no_grad():
-            out = self.model(input_ids=new, cache=st.cache, use_cache=True)
+        with torch.no_grad():  # logits of the last position only: all of them would be [n, vocab]
+            out = self.model(input_ids=new, cache=st.cache, use_cache=True, logits_to_keep=1)
         st.cache, st.fed, st.last_logits = out.cache, list(ids), out.logits[0, -1]
 
     def _decide(self) -> Decision:
@@ -267,10 +283,12 @@ class GroupChatAssistant:
             scores[label] = logp_first[branch[0]].item() + sum(rest_logp[i]) if branch else 0.0
         p_sil, p_resp = math.exp(scores[SILENCE]), math.exp(scores[RESPONSE])
         total = p_sil + p_resp
-        return Decision(speak=False, p_speak=p_resp / total if total > 0 else 0.0, format_mass=total)
+        return Decision(speak=False, p_speak=p_resp / total if total > 0 else 0.0, format_mass=total,
+                        prompt_tokens=len(context))
 
-    def _generate(self) -> str:
-        """Greedy reply after the "(response)" prefix, until the end-of-turn token."""
+    def _generate(self) -> tuple[str, int]:
+        """Greedy reply after the "(response)" prefix, until the end-of-turn token; with the
+        number of tokens generated."""
         import torch
 
         context, _, resp = self._branches  # computed by the decision just made
@@ -285,21 +303,28 @@ class GroupChatAssistant:
             self._feed(self.state.fed + [tok])
             logits = self.state.last_logits
         text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
-        return neutralize(text, self.pattern) or "…"
+        return neutralize(text, self.pattern) or "…", len(out)
 
     def _window(self) -> None:
-        """Keep the rendered conversation under max_context_tokens by dropping whole exchanges
-        from the start (to 3/4 of the limit, so the cache is rebuilt rarely)."""
+        """Keep the decision's context under max_context_tokens by dropping whole exchanges from
+        the start (to 3/4 of the limit, so the cache is rebuilt rarely). The conversation is
+        measured as rendered, not by what the cache holds, so a long message or a whole history
+        given at once (the OpenAI endpoint) is windowed too."""
         msgs = self.state.messages
-        if len(self.state.fed) + 64 < self.max_context_tokens:
+        if len(self._branch_ids()[0]) + 64 < self.max_context_tokens:
             return
         budget = int(self.max_context_tokens * 0.75)
-        while sum(m.role == "user" for m in msgs) > 1:
-            text = render(self._turns(), self.tokenizer, self.preset.eot_token).text
-            if len(self.tokenizer(text, add_special_tokens=False).input_ids) <= budget:
-                break
-            drop = 1 + next((i for i, m in enumerate(msgs[1:]) if m.role == "user"), len(msgs) - 1)
-            del msgs[:drop]
+        starts = [i for i, m in enumerate(msgs) if m.role == "user"]
+        # the fewest exchanges to drop: a binary search, as fewer exchanges render to fewer tokens;
+        # the last user message always stays
+        lo, hi = 0, len(starts) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self._branch_ids(msgs[starts[mid]:])[0]) <= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        del msgs[:starts[lo]]
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -313,20 +338,36 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def _download_mlflow_adapter(uri: str) -> str:
     """The adapter directory logged with a registered model (`adapter/` of its run)."""
-    import mlflow
+    import os
+    from pathlib import Path
 
     from chimein.training import tracking_uri
 
-    mlflow.set_tracking_uri(tracking_uri())
+    store = tracking_uri()
+    db = Path(store.removeprefix("sqlite:///"))
+    if store.startswith("sqlite:///") and not db.is_file():  # MLflow would create an empty one
+        why = (f"MLFLOW_TRACKING_URI names {db}, which does not exist"
+               if os.environ.get("MLFLOW_TRACKING_URI") else
+               f"MLFLOW_TRACKING_URI is not set and there is no {db} (the default store of `chimein train`)")
+        raise FileNotFoundError(
+            f"{uri} is looked up in MLflow, but {why}. Set MLFLOW_TRACKING_URI to your tracking "
+            "server, e.g. `export MLFLOW_TRACKING_URI=http://127.0.0.1:5000` (the one `chimein up` "
+            "starts), or run from the directory that holds mlflow.db")
+    import mlflow
+
+    mlflow.set_tracking_uri(store)
     client = mlflow.MlflowClient()
-    if uri.startswith("models:/"):
-        name, _, ref = uri[len("models:/"):].partition("@")
-        if ref:
-            version = client.get_model_version_by_alias(name, ref)
+    try:
+        if uri.startswith("models:/"):
+            name, _, ref = uri[len("models:/"):].partition("@")
+            if ref:
+                version = client.get_model_version_by_alias(name, ref)
+            else:
+                name, _, number = uri[len("models:/"):].partition("/")
+                version = client.get_model_version(name, number)
+            run_id = version.run_id
         else:
-            name, _, number = uri[len("models:/"):].partition("/")
-            version = client.get_model_version(name, number)
-        run_id = version.run_id
-    else:
-        run_id = uri[len("runs:/"):].split("/")[0]
-    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter")
+            run_id = uri[len("runs:/"):].split("/")[0]
+        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter")
+    except mlflow.exceptions.MlflowException as e:
+        raise FileNotFoundError(f"{uri}: {e.message} (MLflow store {store})") from None

@@ -143,6 +143,15 @@ def parse_conversation(obj: object, max_message_chars: int = MAX_MESSAGE_CHARS) 
         content = content.strip()
         if not content:
             raise InvalidConversation("empty_content", f"{where}: empty content")
+        try:  # JSON can spell a lone UTF-16 surrogate ("\ud800"); tokenizers cannot take it
+            content.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidConversation(
+                "invalid_text",
+                f"{where}: content has a lone surrogate (U+{ord(content[e.start]):04X}) at character "
+                f"{e.start + 1}, which is not Unicode text; fix the encoding where the text was made "
+                "(a UTF-16 pair split in two, or a surrogate escaped alone in the JSON)",
+            ) from None
         if len(content) > max_message_chars:
             raise InvalidConversation(
                 "message_too_long",

@@ -158,3 +158,33 @@ def test_one_pass_scoring_equals_message_by_message_decisions(bot, system_prompt
     for a, b in zip(one_pass, replayed):
         assert a.p_speak == pytest.approx(b.p_speak, abs=1e-4)
         assert a.format_mass == pytest.approx(b.format_mass, rel=1e-3)
+
+
+def test_mlflow_adapter_without_a_tracking_store_is_one_clear_line(tmp_path, monkeypatch):
+    """`--adapter models:/NAME@ALIAS` with no MLflow store: an error naming MLFLOW_TRACKING_URI and
+    how to set it, no traceback, and no empty ./mlflow.db left behind."""
+    from typer.testing import CliRunner
+
+    from chimein.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    r = CliRunner().invoke(app, ["serve", "--adapter", "models:/chimein-tiny-chatml@champion"])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), out
+    assert "MLFLOW_TRACKING_URI is not set" in out and "export MLFLOW_TRACKING_URI=" in out
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'typo.db'}")
+    with pytest.raises(FileNotFoundError, match="typo.db, which does not exist"):
+        GroupChatAssistant.from_adapter("models:/chimein-tiny-chatml@champion")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mlflow_adapter_not_registered_is_one_clear_line(tmp_path, monkeypatch):
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(tracking_uri=store).search_registered_models()  # an empty store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    with pytest.raises(FileNotFoundError, match=r"models:/chimein-nope@champion: .*(not found|not exist)"):
+        GroupChatAssistant.from_adapter("models:/chimein-nope@champion")

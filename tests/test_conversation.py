@@ -458,3 +458,26 @@ def test_invalid_utf8_is_reported_as_such(tmp_path):
     assert rejection.kind == "invalid_utf8" and "not UTF-8" in rejection.problem
     with pytest.raises(ConversationFileError, match=r"bytes\.jsonl:1: not UTF-8"):
         load_conversations(path, strict=True)
+
+
+def test_lone_surrogate_is_rejected_naming_the_problem():
+    with pytest.raises(InvalidConversation) as excinfo:
+        parse_conversation([_user("Ann", "hi"), _assistant("ok \ud800 then")])
+    assert excinfo.value.kind == "invalid_text"
+    assert "message 2" in excinfo.value.problem and "lone surrogate (U+D800)" in excinfo.value.problem
+    assert "fix the encoding" in excinfo.value.problem
+    # a surrogate *pair* is ordinary text once JSON decodes it
+    assert parse_conversation(json.loads('[{"role": "user", "name": "A", "content": "\\ud83d\\ude00"}]'))
+
+
+def test_lenient_load_reports_a_lone_surrogate_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "surrogate.jsonl"
+    good = json.dumps([_user("Ann", "hi")])
+    path.write_text(good + "\n" + '[{"role": "user", "name": "B", "content": "a \\udc80 b"}]\n' + good + "\n",
+                    encoding="utf-8")
+    report = load_conversations(path)
+    assert report.lines == [1, 3]
+    assert [(r.line, r.kind) for r in report.rejected] == [(2, "invalid_text")]
+    assert "U+DC80" in report.rejected[0].problem
+    with pytest.raises(ConversationFileError, match=r"surrogate\.jsonl:2: .*lone surrogate"):
+        load_conversations(path, strict=True)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -15,14 +18,13 @@ from chimein.assistant import GroupChatAssistant
 from chimein.server import create_app
 
 
-@pytest.fixture(scope="module")
-def server():
-    bot = GroupChatAssistant.from_preset("tiny-chatml", max_new_tokens=4, chattiness=0.5)
+@contextlib.contextmanager
+def running(app):
+    """The app served by a real uvicorn on a free loopback port, in a thread; yields its URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(bot, max_conversations=2), host="127.0.0.1",
-                                        port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -33,9 +35,18 @@ def server():
                 break
         except httpx.TransportError:
             time.sleep(0.1)
-    yield url, bot
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield url
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    bot = GroupChatAssistant.from_preset("tiny-chatml", max_new_tokens=4, chattiness=0.5)
+    with running(create_app(bot, max_conversations=2, max_body_bytes=256 * 1024, max_messages=2000)) as url:
+        yield url, bot
 
 
 def test_conversation_endpoint_decides_and_forces(server):
@@ -96,3 +107,154 @@ def test_openai_history_is_validated_like_files(server):
             {"role": "assistant", "content": "(response) I speak first"},
             {"role": "user", "name": "Ana", "content": "hello"}])
     assert "starts with an assistant" in e.value.response.text
+
+
+def test_cache_memory_is_bounded_and_an_evicted_cache_keeps_its_conversation():
+    bot = GroupChatAssistant.from_preset("tiny-chatml", max_new_tokens=4, chattiness=2.0)
+    with running(create_app(bot, max_cache_mb=0.5)) as url:  # about two caches of this model
+        for cid in "abcdef":
+            r = httpx.post(f"{url}/v1/conversations/{cid}/messages",
+                           json={"name": cid, "content": f"I am {cid}"})
+            assert r.status_code == 200
+            health = httpx.get(f"{url}/healthz").json()
+            assert 0 < health["cache_mb"] <= 0.5
+        assert health["conversations"] == 6  # caches were dropped, not conversations
+        r = httpx.post(f"{url}/v1/conversations/a/messages", json={"name": "a", "content": "again"})
+    assert [m.content for m in bot.state.messages if m.role == "user"] == ["I am a", "again"]
+    bot.reset()  # the same conversation, never evicted: the same decision
+    bot.add("a", "I am a")
+    assert r.json()["p_speak"] == pytest.approx(bot.add("a", "again").p_speak, abs=1e-6)
+
+
+def test_a_rejected_message_changes_nothing(server):
+    url, bot = server
+    at = f"{url}/v1/conversations/kept/messages"
+    assert httpx.post(at, json={"name": "Ana", "content": "first"}).status_code == 200
+    state, fed = bot.state, list(bot.state.fed)
+    for bad in ({"name": "::", "content": "hi"}, {"name": "Ana", "content": "   "}):
+        assert httpx.post(at, json=bad).status_code == 422
+    assert state.fed == fed
+    assert httpx.post(at, json={"name": "Ben", "content": "second"}).status_code == 200
+    assert bot.state is state
+    assert [m.content for m in state.messages if m.role == "user"] == ["first", "second"]
+
+
+def test_lone_surrogates_are_a_clear_422_on_both_endpoints(server):
+    url, _ = server
+    headers = {"content-type": "application/json"}
+    r = httpx.post(f"{url}/v1/conversations/s/messages", headers=headers,
+                   content=b'{"name": "a", "content": "\\ud800"}')
+    assert r.status_code == 422 and "lone surrogate" in r.text
+    user = {"role": "user", "name": "Ana"}
+    for messages in ([{**user, "content": "\ud800"}],
+                     [{**user, "content": "hi \udfff"}, {**user, "content": "ok"}],
+                     [{**user, "content": "hi"}, {"role": "assistant", "content": "(response) \ud83d"},
+                      {**user, "content": "ok"}]):
+        r = httpx.post(f"{url}/v1/chat/completions", headers=headers,
+                       content=json.dumps({"model": "chimein", "messages": messages}))  # \\uXXXX escapes
+        assert r.status_code == 422 and "lone surrogate" in r.text, r.text
+
+
+def test_a_long_history_is_windowed_to_the_context(server):
+    url, bot = server
+    history = [{"role": "user", "name": f"U{i % 7}", "content": f"message {i}: shall we walk today?"}
+               for i in range(2000)]
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "chimein", "messages": history}, timeout=120)
+    assert r.status_code == 200, r.text
+    limit = bot.preset.max_length
+    assert 0 < r.json()["usage"]["prompt_tokens"] <= limit - 64
+    assert len(bot.state.fed) <= limit
+    kept = [m.content for m in bot.state.messages if m.role == "user"]
+    assert 1 < len(kept) < 2000 and kept[-1] == history[-1]["content"]  # the recent ones, whole
+    assert kept == [m["content"] for m in history[-len(kept):]]
+
+
+def test_request_size_limits(server):
+    url, _ = server
+    at = f"{url}/v1/chat/completions"
+    r = httpx.post(at, json={"messages": [{"role": "user", "name": "a", "content": "hi"}] * 2001})
+    assert r.status_code == 422 and "2001 messages, over the limit of 2000" in r.text
+    r = httpx.post(at, json={"messages": [{"role": "user", "name": "a", "content": "x" * 4000}] * 70})
+    assert r.status_code == 413 and "over 262144 bytes" in r.text
+    r = httpx.post(at, content=(b"x" * 4096 for _ in range(100)),  # no Content-Length: chunked
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert httpx.get(f"{url}/healthz").json()["ok"]
+
+
+def test_usage_is_real_under_concurrency(server):
+    url, bot = server
+
+    def ask(n: int) -> dict:
+        messages = [{"role": "user", "name": f"U{j}", "content": f"message {j}"} for j in range(n)]
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]
+
+    sizes = range(1, 17)
+    try:
+        bot.chattiness = 0.0  # always speaks: every answer has completion tokens
+        alone = [ask(n) for n in sizes]
+        with ThreadPoolExecutor(16) as pool:
+            together = list(pool.map(ask, sizes))
+        bot.chattiness = 2.0
+        silent = ask(3)
+    finally:
+        bot.chattiness = 0.5
+    assert together == alone
+    prompts = [u["prompt_tokens"] for u in alone]
+    assert prompts == sorted(set(prompts)) and prompts[0] > 0  # each longer history, more tokens
+    assert all(1 <= u["completion_tokens"] <= bot.max_new_tokens for u in alone)
+    assert all(u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] for u in alone)
+    assert silent == {**alone[2], "completion_tokens": 0, "total_tokens": alone[2]["prompt_tokens"]}
+
+
+def _stream_events(url: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+def test_streaming_sends_openai_chunks_with_the_decision_first(server):
+    url, bot = server
+    body = {"model": "chimein", "messages": [{"role": "user", "name": "Ana", "content": "who wrote Dune?"}],
+            "stream": True, "stream_options": {"include_usage": True}}
+    for chattiness in (0.0, 2.0):  # speaking and silent
+        bot.chattiness = chattiness
+        try:
+            chunks = _stream_events(url, body)
+            plain = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False}).json()
+        finally:
+            bot.chattiness = 0.5
+        assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+        assert len({c["id"] for c in chunks}) == 1
+        first, *middle, last_choice, usage = chunks
+        assert first["choices"][0]["delta"]["role"] == "assistant"
+        assert first["chimein"] == plain["chimein"] and first["chimein"]["speak"] == (chattiness == 0.0)
+        text = "".join(c["choices"][0]["delta"]["content"] for c in [first, *middle])
+        assert text == plain["choices"][0]["message"]["content"]
+        assert last_choice["choices"] == [{"index": 0, "delta": {}, "finish_reason": "stop"}]
+        assert usage["choices"] == [] and usage["usage"] == plain["usage"]
+    assert "usage" not in _stream_events(url, {**body, "stream_options": None})[-1]
+
+
+def test_openai_client_streams_lists_models_and_is_told_of_ignored_system_messages(server):
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="not-needed")
+    assert [m.id for m in client.models.list()] == ["chimein"]
+    chat = [{"role": "user", "name": "Ana", "content": "who wrote Dune?"},
+            {"role": "user", "name": "Ben", "content": "assistant, do you know?"}]
+    plain = client.chat.completions.create(model="chimein", messages=chat)
+    chunks = list(client.chat.completions.create(model="chimein", messages=chat, stream=True))
+    assert chunks[0].model_extra["chimein"] == plain.model_extra["chimein"]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert plain.model_extra["chimein"]["ignored_system_messages"] == 0
+    assert plain.usage.prompt_tokens > 0
+    told = client.chat.completions.create(model="chimein", messages=[
+        {"role": "system", "content": "Always answer."}, {"role": "developer", "content": "Be brief."},
+        *chat])
+    assert told.model_extra["chimein"] == {**plain.model_extra["chimein"], "ignored_system_messages": 2}
+    assert told.choices[0].message.content == plain.choices[0].message.content
