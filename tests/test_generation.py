@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -132,6 +133,21 @@ def test_missing_api_key_names_the_variable(tmp_path, monkeypatch):
     assert r.exit_code == 1 and "REPLICATE_API_TOKEN is not set" in r.output
 
 
+
+def test_resuming_a_complete_file_needs_no_api_key(tmp_path, api_keys, monkeypatch):
+    """A cached flow whose cache was cleared resumes its complete file: nothing is asked for, so a
+    missing key must not stop it (the key is checked where a request would be made)."""
+    out = tmp_path / "c.jsonl"
+    with FakeLLM("openai", []) as fake:
+        cfg = _cfg("openai", fake, count=2, concurrency=1)
+        generate(cfg, out)
+        sent = len(fake.requests)
+        monkeypatch.delenv("OPENAI_API_KEY")
+        stats = generate(cfg, out, resume=True)
+        assert (stats.accepted, stats.total_accepted, len(fake.requests)) == (0, 2, sent)
+        with pytest.raises(MissingAPIKey, match="OPENAI_API_KEY"):  # one more is a request: key needed
+            generate(cfg.model_copy(update={"count": 3}), out, resume=True)
+
 def test_duplicates_are_dropped_and_counted(tmp_path, api_keys):
     same = conversation_text(7)
     conv = extract_conversation(same).to_json()
@@ -148,6 +164,128 @@ def test_replicate_source(tmp_path, api_keys):
     assert stats.tokens_in == 80 * 4 and stats.tokens_out == 40 * 4
     assert fake.requests[0]["input"]["prompt"].startswith("Write a realistic group chat")
     assert isinstance(fake.requests[0]["input"]["seed"], int)
+
+
+# A 200 (Replicate: 201) whose body is not a usable reply: an HTML page from a proxy, broken JSON,
+# a completion without choices. The first of each pair is the openai one.
+MALFORMED = {
+    "openai": [("body", "<html><body>502 Bad Gateway</body></html>", "text/html"),
+               ("body", '{"choices": [{"index": 0, "mess', "application/json"),
+               ("body", '{"id": "c1", "object": "chat.completion", "model": "m"}', "application/json"),
+               ("body", '{"id": "c1", "object": "chat.completion", "model": "m", "choices": []}',
+                "application/json")],
+    "replicate": [("body", "<html><body>502 Bad Gateway</body></html>", "text/html"),
+                  ("body", '{"id": "p1", "status": "succ', "application/json"),
+                  ("body", '{"id": "p1", "status": "succeeded"}', "application/json"),
+                  ("body", "[]", "application/json")],
+}
+
+
+@pytest.mark.parametrize("source", ["openai", "replicate"])
+def test_malformed_replies_are_retried_then_rejected_without_stopping_the_run(tmp_path, api_keys, source):
+    # request 0: two malformed replies (out of retries), request 1 too, request 2: one, then a good one
+    script = MALFORMED[source] + MALFORMED[source][:1]
+    with FakeLLM(source, script) as fake:
+        out = tmp_path / "c.jsonl"
+        stats = generate(_cfg(source, fake, count=2, concurrency=1, max_retries=1), out)
+    assert (stats.accepted, stats.total_accepted, stats.failed) == (2, 2, 0)
+    assert dict(stats.rejected) == {"malformed_reply": 2}
+    assert (stats.requests, stats.retries) == (len(fake.requests), 3) == (7, 3)
+    ledger = [json.loads(x) for x in (tmp_path / "c.jsonl.ledger").read_text().splitlines()[1:]]
+    assert [e["outcome"] for e in ledger] == ["rejected", "rejected", "accepted", "accepted"]
+    assert all(e["reason"] == "malformed_reply" and e["detail"] for e in ledger[:2])
+    assert len(load_conversations(out).conversations) == 2
+
+
+def test_ledger_header_is_on_disk_before_the_first_reply(tmp_path, api_keys):
+    """A run killed while its first requests are in flight can still be resumed."""
+    out, ledger = tmp_path / "c.jsonl", tmp_path / "c.jsonl.ledger"
+    with FakeLLM("openai", delay=1.0) as fake:
+        cfg = _cfg("openai", fake, count=1, concurrency=1)
+        run = threading.Thread(target=generate, args=(cfg, out))  # not the main thread: no Ctrl-C handler
+        run.start()
+        deadline = time.monotonic() + 30
+        while not fake.requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        on_disk = ledger.read_text().splitlines()
+        run.join(30)
+    assert on_disk and json.loads(on_disk[0])["fingerprint"] == cfg.fingerprint()
+
+
+def test_ctrl_c_records_the_requests_in_flight_and_resume_pays_for_none_twice(tmp_path, api_keys, caplog):
+    out, ledger = tmp_path / "c.jsonl", tmp_path / "c.jsonl.ledger"
+    with FakeLLM("openai", delay=0.5) as fake:
+        cfg = _cfg("openai", fake, count=6, concurrency=3)
+
+        def ctrl_c_at_the_first_request():  # an early Ctrl-C: no reply has arrived yet
+            deadline = time.monotonic() + 30
+            while not fake.requests and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        threading.Thread(target=ctrl_c_at_the_first_request, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            generate(cfg, out)
+        sent = set(fake.seen)
+        recorded = {json.loads(x)["seed"] for x in ledger.read_text().splitlines()[1:]}
+        assert sent and recorded == sent  # the replies in flight were waited for and kept
+        assert "interrupted" in caplog.text
+        fake.delay = 0
+        stats = generate(cfg, out, resume=True)
+        generate(cfg, out, resume=True)  # a finished run resumes to nothing
+    assert (stats.skipped, stats.accepted, stats.total_accepted) == (len(sent), 6 - len(sent), 6)
+    assert set(fake.seen.values()) == {1}  # no request was paid for twice
+    entries = [json.loads(x) for x in ledger.read_text().splitlines()]
+    assert sum("fingerprint" in e for e in entries) == 1 and all("i" in e for e in entries[1:])
+
+
+def _tear_last_line(path: Path) -> int:
+    """Cut the last line in half, as a kill in the middle of its write would; the bytes left."""
+    data = path.read_bytes()
+    last = data.splitlines(keepends=True)[-1]
+    path.write_bytes(data[:-len(last)] + last[:len(last) // 2])
+    return len(last) // 2
+
+
+def test_resume_cuts_torn_last_lines_reports_them_and_repeats_only_the_torn_request(tmp_path, caplog):
+    out, ledger = tmp_path / "c.jsonl", tmp_path / "c.jsonl.ledger"
+    cfg = load_generation_config(count=3)
+    generate(cfg, out)
+    whole = out.read_text()
+    torn = _tear_last_line(ledger), _tear_last_line(out)
+    stats = generate(cfg, out, resume=True)
+    assert f"{ledger}: cut a partial last line ({torn[0]} bytes)" in caplog.text
+    assert f"{out}: cut a partial last line ({torn[1]} bytes)" in caplog.text
+    report = load_conversations(out)
+    assert (len(report.conversations), report.rejected, stats.total_accepted) == (3, [], 3)
+    assert (stats.skipped, stats.accepted) == (2, 1) and out.read_text() == whole
+
+
+def test_resume_restores_a_torn_conversation_from_the_ledger_and_counts_valid_lines(tmp_path, caplog):
+    out = tmp_path / "c.jsonl"
+    cfg = load_generation_config(count=3)
+    generate(cfg, out)
+    whole = out.read_text()
+    _tear_last_line(out)
+    stats = generate(cfg, out, resume=True)
+    report = load_conversations(out)
+    assert (len(report.conversations), report.rejected, stats.total_accepted) == (3, [], 3)
+    assert stats.requests == 0 and out.read_text() == whole  # restored, not requested again
+    assert "restored 1 conversation" in caplog.text
+
+
+def test_appends_are_whole_lines_written_once_and_synced(tmp_path, monkeypatch):
+    events = []
+    write, fsync = os.write, os.fsync
+    monkeypatch.setattr(os, "write",
+                        lambda fd, data: events.append(("write", fd, bytes(data))) or write(fd, data))
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", fd)) or fsync(fd))
+    generate(load_generation_config(count=3), tmp_path / "c.jsonl")
+    writes = [k for k, e in enumerate(events) if e[0] == "write"]
+    assert len(writes) == 1 + 3 + 3  # the ledger header, then a ledger entry and a line per conversation
+    for k in writes:
+        _, fd, data = events[k]
+        assert data.endswith(b"\n") and data.count(b"\n") == 1 and events[k + 1] == ("fsync", fd)
 
 
 def test_killed_run_resumes_without_repeating_calls(tmp_path):
