@@ -32,5 +32,6 @@ run: assets
 test: assets
 	$(BIN)/python -m pytest -q
 
+# store/ also holds the Prefect task cache (store/prefect-cache): it goes with the data it names
 clean:
 	rm -rf outputs store mlflow.db mlruns .pytest_cache

@@ -8,10 +8,12 @@ benchmark, in full.
 
 Every parameter is a pydantic model, so the Prefect UI renders a form, and a run is reproducible
 from its parameters. Generation and the dataset are cached on their inputs and code: a rerun with
-the same parameters calls no API (`refresh: true` recomputes). A nightly run (`nightly: true`)
-derives its generation seed from the night it runs for, so every night brings new conversations,
-a new dataset version and a new training run, while a retry or re-trigger of the same night
-reuses that night's data and pays for no request twice.
+the same parameters calls no API (`refresh: true` recomputes). The cache is kept in the store
+(store/prefect-cache, deleted with it by `make clean`), and a cached result whose file or dataset
+version is gone is made again, paying only for conversations that are gone. A nightly run
+(`nightly: true`) derives its generation seed from the night it runs for, so every night brings
+new conversations, a new dataset version and a new training run, while a retry or re-trigger of
+the same night reuses that night's data and pays for no request twice.
 """
 
 from __future__ import annotations

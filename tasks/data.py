@@ -1,15 +1,68 @@
-"""Data tasks: generation (cached on its inputs and code, retried on I/O) and the dataset."""
+"""Data tasks: generation (cached on its inputs and code, retried on I/O) and the dataset.
+
+A cache hit names a file or a dataset version, so it is only as good as that artifact: the cache
+lives in the store beside the datasets (`make clean` deletes both), and a record whose artifact
+was deleted is passed over, so the task runs again (generation then resumes its ledger: only
+conversations that are gone are paid for again)."""
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from prefect import task
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.context import TaskRunContext
 
-from chimein.dataset import build_dataset, publish_hub, publish_local
+from chimein.dataset import build_dataset, publish_hub, publish_local, store_dir
 from chimein.generation import ClientError, GenerationAborted, GenerationConfig, MissingAPIKey, generate
+
+# not ~/.prefect/storage, which outlives the files its records name (a Path: Prefect makes it a
+# LocalFileSystem, resolved against the working directory at run time, like the store itself)
+CACHE = store_dir() / "prefect-cache"
+
+
+@dataclass(kw_only=True)
+class WhileArtifactExists(CachePolicy):
+    """`policy`'s key, but a hit must name an artifact that `exists`: a record whose artifact was
+    deleted is passed over for a key derived from it, and the task runs again (a policy chooses
+    only the key; it cannot make Prefect overwrite a record). Wrap the whole policy: one added to
+    this would change the key after the check."""
+
+    policy: CachePolicy
+    exists: Callable[[Any], bool]
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any],
+                    flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+        key = self.policy.compute_key(task_ctx, inputs, flow_parameters, **kwargs)
+        records = task_ctx.result_store
+        while key and records.exists(key) and not self.exists(records.read(key).result):
+            key = hashlib.sha256(f"{key}:artifact deleted".encode()).hexdigest()
+        return key
+
+
+@dataclass(kw_only=True)
+class FileContent(CachePolicy):
+    """The content of the file that input `name` names: new data under the same path (e.g.
+    conversations generated again after a delete) is a new key, not the old dataset version."""
+
+    name: str
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any],
+                    flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+        with open(inputs[self.name], "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def dataset_exists(location: str) -> bool:
+    """A local version is complete once its info.json is written (publish_local writes it last).
+    A Hub version outlives `make clean`, and checking it would cost a request: trusted."""
+    if location.startswith("hub:"):
+        return True
+    return (store_dir() / "datasets" / location.removeprefix("local:") / "info.json").is_file()
 
 
 def retry_io(task, task_run, state) -> bool:
@@ -21,8 +74,9 @@ def retry_io(task, task_run, state) -> bool:
 
 
 # Cached on the config and this code: rerunning with the same parameters makes no API call.
-@task(cache_policy=INPUTS + TASK_SOURCE, persist_result=True, retries=2,
-      retry_delay_seconds=[30, 120], retry_condition_fn=retry_io)
+@task(cache_policy=WhileArtifactExists(policy=INPUTS + TASK_SOURCE, exists=lambda out: Path(out).is_file()),
+      result_storage=CACHE, persist_result=True, retries=2, retry_delay_seconds=[30, 120],
+      retry_condition_fn=retry_io)
 def generate_conversations(config: GenerationConfig, out_dir: str, fresh: bool = False) -> str:
     """fresh: start over (pays for every request again) instead of resuming the file."""
     out = Path(out_dir) / f"conversations-{config.fingerprint()}-{config.count}.jsonl"
@@ -41,7 +95,10 @@ def generate_conversations(config: GenerationConfig, out_dir: str, fresh: bool =
     return str(out)
 
 
-@task(cache_policy=INPUTS + TASK_SOURCE, persist_result=True, retries=2, retry_delay_seconds=60,
+# Cached on the conversations' content (not only their path), the split settings and this code.
+@task(cache_policy=WhileArtifactExists(policy=INPUTS + TASK_SOURCE + FileContent(name="data"),
+                                      exists=dataset_exists),
+      result_storage=CACHE, persist_result=True, retries=2, retry_delay_seconds=60,
       retry_condition_fn=retry_io)
 def build_and_publish_dataset(data: str, publish: str = "local", test_fraction: float = 0.1,
                               seed: int = 0) -> str:

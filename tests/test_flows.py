@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from chimein.training import TrainResult
 
-from .fake_llm import FakeLLM
+from .fake_llm import FakeLLM, conversation_text
 
 RUN_RETRAIN = """
 import json, sys
@@ -102,6 +103,38 @@ def test_nightly_runs_retrain_on_new_data_and_never_pay_twice(tmp_path):
     assert night1["dataset"] != night2["dataset"]
     assert night1["run_id"] != night2["run_id"] and night1["run_name"] != night2["run_name"]
     assert again["dataset"] == night1["dataset"] and again["run_id"] == night1["run_id"]
+
+
+def test_cached_data_that_was_deleted_is_made_again(tmp_path):
+    """`make clean && make run`, then parts of the outputs deleted by hand: a cache hit always
+    names data that exists (else it is made again), and only data that is gone is paid for again."""
+    env = flow_env(tmp_path)
+    store = tmp_path / "store"
+    with FakeLLM("openai") as fake:
+        params = {"preset": "tiny-chatml", "train_config": None, "max_steps": 1, "heldout_limit": 1,
+                  "benchmark": False, "generation": {"source": "openai", "count": 6, "base_url": fake.base_url}}
+        run_retrain(params, tmp_path, env)
+        # what `make clean` deletes (the store is CHIMEIN_STORE here, as the MLflow database is)
+        shutil.rmtree(tmp_path / "outputs")
+        shutil.rmtree(store)
+        (tmp_path / "mlflow.db").unlink()
+        after_clean = run_retrain(params, tmp_path, env)  # failed: "no dataset 'ds-…' in store/datasets"
+        assert len(fake.requests) == 12  # the conversations were gone: generated again
+        # the dataset version alone: rebuilt from the conversations on disk, nothing paid
+        shutil.rmtree(store / "datasets")
+        rebuilt = run_retrain(params, tmp_path, env)
+        assert len(fake.requests) == 12 and rebuilt["dataset"] == after_clean["dataset"]
+        assert (store / "datasets" / rebuilt["dataset"].removeprefix("local:") / "info.json").is_file()
+        # the conversations alone, answered differently this time: new data, a new dataset version
+        shutil.rmtree(tmp_path / "outputs" / "generated")
+        fake.script = [conversation_text(1000 + i) for i in range(6)]
+        regenerated = run_retrain(params, tmp_path, env)
+        assert len(fake.requests) == 18 and regenerated["dataset"] != rebuilt["dataset"]
+        # the whole store, the cache with it: the conversations on disk are reused, nothing paid
+        shutil.rmtree(store)
+        again = run_retrain(params, tmp_path, env)
+        assert len(fake.requests) == 18 and again["dataset"] == regenerated["dataset"]
+    assert (store / "prefect-cache").is_dir()  # the cache is in the store, which `make clean` deletes
 
 
 def _registered_versions(tmp_path, evaluations):
