@@ -68,12 +68,12 @@ def presets() -> None:
     console.print(table)
 
 
-def _rejections_table(rejected, limit: int = 20) -> Table:
+def _rejections_table(rejected, limit: int = 20, rest: str = "") -> Table:
     table = Table("line", "reason", title=f"rejected ({len(rejected)})")
     for r in rejected[:limit]:
         table.add_row(str(r.line), r.problem)
     if len(rejected) > limit:
-        table.add_row("…", f"{len(rejected) - limit} more")
+        table.add_row("…", f"{len(rejected) - limit} more{rest}")
     return table
 
 
@@ -82,13 +82,21 @@ def validate(
     data: Annotated[Path, typer.Argument(help="JSON Lines file of conversations.")],
     strict: Annotated[bool, typer.Option(help="Stop at the first bad line.")] = False,
 ) -> None:
-    """Check a conversation file; list every rejected line with its reason."""
+    """Check a conversation file; list every rejected line with its reason.
+
+    Exit status: 0 every line is a valid conversation; 1 nothing usable (no such file, or not one
+    valid conversation); 3 some lines rejected: the valid conversations are usable, `preprocess`
+    skips the rest (with --strict: stopped at the first bad line).
+    """
     from chimein.conversation import ConversationFileError, load_conversations
 
     try:
         report = load_conversations(data, strict=strict)
-    except (ConversationFileError, FileNotFoundError) as e:
+    except FileNotFoundError as e:
         _fail(str(e))
+    except ConversationFileError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(3)
     n_user = sum(c.n_user for c in report.conversations)
     n_speak = sum(c.n_speak for c in report.conversations)
     console.print(f"{data}: {len(report.conversations)} valid conversations, "
@@ -96,7 +104,7 @@ def validate(
                   f"({1 - n_speak / max(n_user, 1):.0%} silence), {len(report.rejected)} rejected")
     if report.rejected:
         console.print(_rejections_table(report.rejected))
-        raise typer.Exit(1 if not report.conversations else 0)
+        raise typer.Exit(1 if not report.conversations else 3)
 
 
 @app.command()
@@ -112,11 +120,15 @@ def preprocess(
     from chimein.conversation import ConversationFileError
     from chimein.formatting import TemplateError
     from chimein.presets import PadTokenError
+    from chimein.preprocess import NothingUsable
     from chimein.preprocess import preprocess as run
 
     try:
-        s = run(model, data, out, max_length=max_length, strict=strict, n_examples=examples,
-                progress=True)
+        s, rejected = run(model, data, out, max_length=max_length, strict=strict, n_examples=examples,
+                          progress=True)
+    except NothingUsable as e:
+        err.print(_rejections_table(e.rejected))
+        _fail(str(e))
     except (ConversationFileError, FileNotFoundError, PadTokenError, TemplateError, ValueError) as e:
         _fail(str(e))
     table = Table("", "count", title=f"preprocessed {s.data} for {s.preset} (max_length {s.max_length})")
@@ -129,8 +141,11 @@ def preprocess(
     table.add_row("tokens / labelled", f"{s.tokens} / {s.labelled_tokens}")
     console.print(table)
     o = Path(s.out)
+    if rejected:
+        console.print(_rejections_table(rejected, rest=f", all in {o / 'rejected.jsonl'}"))
     console.print(f"wrote {o / 'dataset'} (tokenized rows), {o / 'examples.txt'} (labelled spans "
-                  f"marked ⟦ ⟧), {o / 'rejected.jsonl'}, {o / 'summary.json'}")
+                  f"marked ⟦ ⟧), {o / 'rejected.jsonl'} (every rejected line: line, kind, reason, "
+                  f"the line as read), {o / 'summary.json'}")
 
 
 @app.command()
@@ -149,8 +164,8 @@ def generate(
     from pydantic import ValidationError
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from chimein.generation import GenerationAborted, MissingAPIKey, generate as run, \
-        load_generation_config
+    from chimein.generation import GenerationAborted, GenerationInterrupted, MissingAPIKey, \
+        generate as run, load_generation_config
 
     try:
         cfg = load_generation_config(config, source=source, count=count, model=model,
@@ -167,10 +182,13 @@ def generate(
             bar.update(task, completed=st.total_accepted,
                        note=f"{rejected} rej {st.duplicates} dup {st.retries} retry")
 
+        interrupted = False
         try:
             stats = run(cfg, out, resume=resume, on_progress=show)
         except (MissingAPIKey, GenerationAborted, FileExistsError) as e:
             _fail(str(e))
+        except GenerationInterrupted as e:
+            stats, interrupted = e.stats, True
     table = Table("", "count", title=f"generated {out} ({cfg.source}: {cfg.model_id})")
     table.add_row("accepted (this run)", str(stats.accepted))
     table.add_row("in the file", f"{stats.total_accepted} of {cfg.count}")
@@ -183,6 +201,10 @@ def generate(
     table.add_row("tokens in / out", f"{stats.tokens_in} / {stats.tokens_out}")
     table.add_row("wall time", f"{stats.wall_s:.1f} s")
     console.print(table)
+    if interrupted:
+        err.print("interrupted: every finished request is recorded; run again with --resume to "
+                  "continue", highlight=False)
+        raise typer.Exit(130)  # 128 + SIGINT, as shells report a Ctrl-C
     if stats.total_accepted < cfg.count:
         _fail(f"only {stats.total_accepted} of {cfg.count} conversations; run again with --resume "
               "to continue (finished requests are not repeated)")
@@ -282,11 +304,14 @@ def _load_assistant(adapter: Optional[str], base: Optional[str], chattiness: Opt
     if bool(adapter) == bool(base):
         _fail("pass exactly one of --adapter REF (a trained adapter) or --base PRESET (the un-tuned "
               "base model with the method's instruction prompt)")
-    with err.status("loading the model"):
-        if adapter:
-            return GroupChatAssistant.from_adapter(adapter, chattiness=chattiness)
-        return GroupChatAssistant.from_preset(base, chattiness=0.5 if chattiness is None else chattiness,
-                                              system_prompt=BASELINE_PROMPT)
+    try:
+        with err.status("loading the model"):
+            if adapter:
+                return GroupChatAssistant.from_adapter(adapter, chattiness=chattiness)
+            return GroupChatAssistant.from_preset(base, chattiness=0.5 if chattiness is None else chattiness,
+                                                  system_prompt=BASELINE_PROMPT)
+    except FileNotFoundError as e:  # no such adapter or preset asset, or no MLflow store for models:/…
+        _fail(str(e))
 
 
 CHATTINESS_HELP = ("Speak when p_speak >= this. Default: the adapter's threshold, calibrated on its "
@@ -360,6 +385,9 @@ def serve(
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     max_conversations: Annotated[int, typer.Option(help="Conversations kept in memory (LRU).")] = 256,
+    max_cache_mb: Annotated[float, typer.Option(help="Memory of the conversations' KV caches; beyond it the least recently used lose their cache (not their messages) and are re-fed on their next message.")] = 2048,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body (413 beyond).")] = 2,
+    max_messages: Annotated[int, typer.Option(help="Most messages in one /v1/chat/completions request (422 beyond).")] = 4096,
 ) -> None:
     """Serve the assistant over HTTP (conversation API and an OpenAI-style endpoint)."""
     import uvicorn
@@ -369,7 +397,9 @@ def serve(
     bot = _load_assistant(adapter, base, chattiness)
     console.print(f"serving {bot.preset.name} on http://{host}:{port} "
                   f"(POST /v1/conversations/ID/messages, POST /v1/chat/completions)")
-    uvicorn.run(create_app(bot, max_conversations), host=host, port=port, log_level="warning")
+    app = create_app(bot, max_conversations, max_cache_mb=max_cache_mb,
+                     max_body_bytes=int(max_body_mb * 2**20), max_messages=max_messages)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 @app.command("eval")
@@ -414,7 +444,10 @@ def evaluate_cmd(
     systems = {}
     if adapter:
         with err.status("loading the adapter"):
-            systems["fine-tuned"] = GroupChatAssistant.from_adapter(adapter, chattiness=chattiness)
+            try:
+                systems["fine-tuned"] = GroupChatAssistant.from_adapter(adapter, chattiness=chattiness)
+            except FileNotFoundError as e:  # no such adapter, or no MLflow store for models:/…
+                _fail(str(e))
     if "base" in baseline:
         preset = model or (systems["fine-tuned"].preset.name if adapter else None)
         if not preset:
@@ -518,11 +551,14 @@ def up(
 def down(
     directory: Annotated[Path, typer.Option("--dir", help="The stack's directory.")] = Path(".stack"),
 ) -> None:
-    """Stop the local stack (the data stays in its directory)."""
+    """Stop the local stack (the data stays in its directory); exit status 1 if something is left."""
     from chimein.stack import down as stop
 
-    for name, state in stop(_stack(directory, 0, 0)).items():
+    status = stop(_stack(directory, 0, 0))
+    for name, state in status.items():
         console.print(f"{name}: {state}")
+    if set(status.values()) - {"stopped", "not running"}:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

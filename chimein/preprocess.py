@@ -5,7 +5,8 @@ Writes into the output directory:
                   (the "(silence)"/"(response)" tokens), n_turns, n_speak, truncated — what
                   SFTTrainer consumes
   examples.txt    a few rendered conversations with the labelled spans marked ⟦ ⟧
-  rejected.jsonl  every rejected line as read, with its line number and reason
+  rejected.jsonl  every rejected line in file order: line number, kind, reason (`problem`) and the
+                  line as read (`raw`)
   summary.json    the counts printed at the end
 """
 
@@ -16,7 +17,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from chimein.conversation import LoadReport, Rejection, load_conversations
+from chimein.conversation import ConversationFileError, LoadReport, Rejection, load_conversations
 from chimein.formatting import TooLong, encode, marker_pattern, show_labelled
 from chimein.presets import load_preset, load_tokenizer
 
@@ -73,13 +74,27 @@ def tokenize_conversations(conversations, lines, source: str, preset, tokenizer,
     return rows, rejected, examples
 
 
+class NothingUsable(ValueError):
+    """Every conversation was rejected; `rejected` says which lines and why."""
+
+    def __init__(self, message: str, rejected: list[Rejection]):
+        super().__init__(message)
+        self.rejected = rejected
+
+
+def _too_long_fix(max_length: int) -> str:
+    return f"raise --max-length (now {max_length}) or shorten the conversation's first exchange"
+
+
 EXAMPLES_LEGEND = ("Labelled tokens (what the model learns to produce) are wrapped in ⟦ ⟧; "
                    "everything else is context only.\n\n")
 
 
 def preprocess(preset_name: str, data: str | Path, out: str | Path, max_length: int | None = None,
-               strict: bool = False, n_examples: int = 3, progress: bool = False) -> PreprocessSummary:
-    """Validate, format, tokenize and mask a conversation file for one model preset."""
+               strict: bool = False, n_examples: int = 3,
+               progress: bool = False) -> tuple[PreprocessSummary, list[Rejection]]:
+    """Validate, format, tokenize and mask a conversation file for one model preset; the summary
+    and every rejected line, in file order."""
     from datasets import Dataset, disable_progress_bars
 
     disable_progress_bars()
@@ -89,15 +104,17 @@ def preprocess(preset_name: str, data: str | Path, out: str | Path, max_length: 
     summary = PreprocessSummary(preset.name, str(data), str(out), max_length or preset.max_length)
     rows, too_long, examples = tokenize_conversations(
         report.conversations, report.lines, str(data), preset, tokenizer, summary, n_examples, progress)
-    rejected: list[Rejection] = list(report.rejected) + too_long
+    if strict and too_long:
+        raise ConversationFileError(f"{too_long[0]}. To keep it, {_too_long_fix(summary.max_length)}; "
+                                    "or drop --strict to skip such conversations (listed in rejected.jsonl).")
+    rejected = sorted(report.rejected + too_long, key=lambda r: r.line)
 
     summary.rejected = len(rejected)
     summary.rejected_by_kind = dict(sorted(Counter(r.kind for r in rejected).items()))
     if summary.conversations == 0:
-        raise ValueError(
-            f"{data}: no usable conversation ({summary.rejected} rejected: "
-            f"{summary.rejected_by_kind}); see the reasons with `chimein validate {data}`"
-        )
+        fix = f"; for too_long, {_too_long_fix(summary.max_length)}" if too_long else ""
+        raise NothingUsable(f"{data}: no usable conversation ({summary.rejected} rejected: "
+                            f"{summary.rejected_by_kind}){fix}", rejected)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,4 +125,4 @@ def preprocess(preset_name: str, data: str | Path, out: str | Path, max_length: 
             f.write(json.dumps({"line": r.line, "kind": r.kind, "problem": r.problem, "raw": r.raw},
                                ensure_ascii=False) + "\n")
     (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
-    return summary
+    return summary, rejected

@@ -2,7 +2,11 @@
 deployments and a worker, on loopback — started by `chimein up`, stopped by `chimein down`.
 
 Everything lives in one directory (default ./.stack): the SQLite databases, MLflow's artifacts,
-logs and pid files. Both commands are idempotent: a running service is left as it is.
+logs and pid files. Both commands are idempotent: a running service is left as it is. Each service
+runs in its own process group, recorded in its pid file with the leader's start time (a reused pid
+is not ours) and its port: `down` stops the whole group, also when the leader died or is a zombie,
+and checks that the port is free; `up` refuses a port that something else holds, and keeps the
+deployments and schedules a user paused.
 """
 
 from __future__ import annotations
@@ -10,12 +14,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,37 +59,117 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _alive(pid_file: Path) -> bool:
-    try:
-        pid = int(pid_file.read_text())
-    except (FileNotFoundError, ValueError):
-        return False
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child, and it has exited
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no owner
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
             return False
-    except ChildProcessError:
-        pass  # started by another `chimein up`: not ours to reap
+    return True
+
+
+def _read(pid_file: Path) -> dict | None:
+    """The pid file `_start` wrote: {"pid": group leader, "started": its start time, "port": …}."""
     try:
-        os.kill(pid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
+        info = json.loads(pid_file.read_text())
+        return info if isinstance(info, dict) and {"pid", "started"} <= info.keys() else None
+    except (FileNotFoundError, ValueError):
+        return None
 
 
-def _start(stack: Stack, name: str, cmd: list[str], health: str | None, timeout_s: float = 120) -> str:
+def _group(info: dict | None) -> list[psutil.Process]:
+    """The live (not zombie) processes of the group `up` started; empty if none is left."""
+    if info is None:
+        return []
+    pgid, started = info["pid"], info["started"]
+    with suppress(ChildProcessError):  # our child (when `up` ran in this process): reap it
+        os.waitpid(pgid, os.WNOHANG)
+    try:
+        if abs(psutil.Process(pgid).create_time() - started) > 1:
+            return []  # the pid was reused: that process is not ours
+    except psutil.NoSuchProcess:
+        pass  # the leader is gone; children may live on in its group
+    members = []
+    for p in psutil.process_iter():
+        with suppress(OSError, psutil.Error):
+            if (os.getpgid(p.pid) == pgid and p.create_time() >= started - 1
+                    and p.status() != psutil.STATUS_ZOMBIE):
+                members.append(p)
+    return members
+
+
+def _listens(members: list[psutil.Process], port: int) -> bool:
+    for p in members:
+        with suppress(psutil.Error):
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in p.net_connections("tcp")):
+                return True
+    return False
+
+
+def _alive(pid_file: Path) -> bool:
+    return bool(_group(_read(pid_file)))
+
+
+def _stop(pid_file: Path, timeout_s: float = 15) -> str:
+    """SIGTERM the service's process group, SIGKILL what is left after timeout_s, reap, remove the
+    pid file, check that its port is free."""
+    info = _read(pid_file)
+    if not _group(info):
+        pid_file.unlink(missing_ok=True)
+        return "not running"
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5)):
+        with suppress(ProcessLookupError):  # the whole group may be gone (or only zombies) by now
+            os.killpg(info["pid"], sig)
+        deadline = time.monotonic() + wait_s
+        while (left := _group(info)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not left:
+            break
+    else:
+        return f"still running after SIGKILL: pids {[p.pid for p in left]}"
+    pid_file.unlink(missing_ok=True)
+    port, deadline = info.get("port"), time.monotonic() + 5
+    while port and not _port_free(port):
+        if time.monotonic() > deadline:
+            return f"stopped, but port {port} is still in use by another process (see `lsof -i :{port}`)"
+        time.sleep(0.2)
+    return "stopped"
+
+
+def _check_port(stack: Stack, name: str, port: int, option: str) -> None:
+    """Fail before anything starts if the port is held by something other than this stack."""
+    info = _read(stack.root / f"{name}.pid")
+    if _group(info):
+        if info.get("port") != port:
+            raise RuntimeError(f"{name} of {stack.root} runs on port {info.get('port')}, not {port}; "
+                               f"`chimein down --dir {stack.root}` first to move it")
+    elif not _port_free(port):
+        raise RuntimeError(f"port {port} ({name}) is in use by a process that is not this stack's "
+                           f"({stack.root}), e.g. another `chimein up`; stop it (`lsof -i :{port}`) or "
+                           f"choose a free port with {option}")
+
+
+def _start(stack: Stack, name: str, cmd: list[str], port: int | None = None, health: str | None = None,
+           timeout_s: float = 120) -> str:
     pid_file = stack.root / f"{name}.pid"
-    if _alive(pid_file) and (health is None or _healthy(health)):
-        return "running"
-    log = open(stack.root / f"{name}.log", "ab")
-    proc = subprocess.Popen(cmd, env=stack.env(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                            start_new_session=True)  # its own group: `down` stops children too
-    pid_file.write_text(str(proc.pid))
+    log = stack.root / f"{name}.log"
+    state = "running"
+    if not _group(_read(pid_file)):
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(cmd, env=stack.env(), stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                    start_new_session=True)  # its own group: `down` stops children too
+        pid_file.write_text(json.dumps(
+            {"pid": proc.pid, "started": psutil.Process(proc.pid).create_time(), "port": port}))
+        state = "started"
     deadline = time.monotonic() + timeout_s
-    while health and not _healthy(health):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{name} did not start; see {stack.root / (name + '.log')}")
+    # ready when it answers on its port, and the answer comes from its own group
+    while port and not (_healthy(health) and _listens(_group(_read(pid_file)), port)):
+        if not _alive(pid_file) or time.monotonic() > deadline:
+            _stop(pid_file)
+            raise RuntimeError(f"{name} did not start on port {port} (stopped it); see {log}")
         time.sleep(0.5)
-    return "started"
+    return state
 
 
 def _prefect(stack: Stack, *args: str) -> subprocess.CompletedProcess:
@@ -92,18 +180,47 @@ def _prefect(stack: Stack, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+def _api(stack: Stack, method: str, path: str, body: dict | None = None):
+    request = urllib.request.Request(stack.prefect_api + path, method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        data = r.read()
+    return json.loads(data) if data else None
+
+
+def _paused(stack: Stack) -> dict[str, tuple[bool, list[dict]]]:
+    """Deployment id → (paused, the definitions of its paused schedules)."""
+    return {d["id"]: (d["paused"], [s["schedule"] for s in d["schedules"] if not s["active"]])
+            for d in _api(stack, "POST", "/deployments/filter", {})}
+
+
+def _keep_paused(stack: Stack, before: dict[str, tuple[bool, list[dict]]]) -> None:
+    """`prefect deploy` sends `paused: false` and re-creates slug-less schedules as active
+    (PrefectHQ/prefect#19302): pause again what the user had paused."""
+    for d in _api(stack, "POST", "/deployments/filter", {}):
+        paused, schedules = before.get(d["id"], (False, []))
+        if paused and not d["paused"]:
+            _api(stack, "POST", f"/deployments/{d['id']}/pause_deployment")
+        for s in d["schedules"]:
+            if s["active"] and s["schedule"] in schedules:
+                _api(stack, "PATCH", f"/deployments/{d['id']}/schedules/{s['id']}", {"active": False})
+
+
 def up(stack: Stack) -> dict[str, str]:
     """Start (or find running) the servers, create the pool, deploy, start a worker."""
     stack.root.mkdir(parents=True, exist_ok=True)
+    _check_port(stack, "prefect-server", stack.prefect_port, "--prefect-port")
+    _check_port(stack, "mlflow-server", stack.mlflow_port, "--mlflow-port")
     status = {
         "prefect-server": _start(stack, "prefect-server", [
             sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-            "--port", str(stack.prefect_port)], f"{stack.prefect_api}/health"),
+            "--port", str(stack.prefect_port)], stack.prefect_port, f"{stack.prefect_api}/health"),
         "mlflow-server": _start(stack, "mlflow-server", [
             sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(stack.mlflow_port),
             "--backend-store-uri", f"sqlite:///{stack.root / 'mlflow.db'}",
             "--artifacts-destination", str(stack.root / "mlartifacts"), "--workers", "1"],
-            f"{stack.mlflow_uri}/health"),
+            stack.mlflow_port, f"{stack.mlflow_uri}/health"),
     }
     template = REPO / "infra" / "work-pools" / "process.json"
     job = json.loads(template.read_text())
@@ -112,29 +229,14 @@ def up(stack: Stack) -> dict[str, str]:
     _prefect(stack, "work-pool", "create", stack.pool, "--type", "process", "--overwrite",
              "--base-job-template", str(stack.root / "process-pool.json"))
     _prefect(stack, "work-pool", "set-concurrency-limit", stack.pool, "1")  # one training per GPU
+    paused = _paused(stack)
     _prefect(stack, "deploy", "--prefect-file", str(REPO / "infra" / "prefect.yaml"), "--all")
+    _keep_paused(stack, paused)
     status["worker"] = _start(stack, "worker", [
-        sys.executable, "-m", "prefect", "worker", "start", "--pool", stack.pool, "--type", "process"], None)
+        sys.executable, "-m", "prefect", "worker", "start", "--pool", stack.pool, "--type", "process"])
     return status
 
 
 def down(stack: Stack) -> dict[str, str]:
-    """Stop the worker and the servers (SIGTERM to their process groups, then SIGKILL)."""
-    status = {}
-    for name in ("worker", "mlflow-server", "prefect-server"):
-        pid_file = stack.root / f"{name}.pid"
-        if not _alive(pid_file):
-            status[name] = "not running"
-            pid_file.unlink(missing_ok=True)
-            continue
-        pid = int(pid_file.read_text())
-        os.killpg(pid, signal.SIGTERM)
-        for _ in range(40):
-            if not _alive(pid_file):
-                break
-            time.sleep(0.25)
-        else:
-            os.killpg(pid, signal.SIGKILL)
-        pid_file.unlink(missing_ok=True)
-        status[name] = "stopped"
-    return status
+    """Stop the worker and the servers, each a whole process group (SIGTERM, then SIGKILL)."""
+    return {name: _stop(stack.root / f"{name}.pid") for name in ("worker", "mlflow-server", "prefect-server")}

@@ -59,6 +59,56 @@ def test_preprocess_strict_names_file_and_line(tmp_path):
     assert not (tmp_path / "pp").exists()
 
 
+def test_preprocess_names_rejected_lines(tmp_path):
+    out = tmp_path / "pp"
+    r = runner.invoke(app, ["preprocess", "--model", "tiny-chatml", "--data", str(MIXED),
+                            "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert [x["line"] for x in rejected] == sorted(x["line"] for x in rejected)
+    assert {x["line"]: x["kind"] for x in rejected}[8] == "unknown_role"
+    for x in rejected:  # the table names every line with its reason
+        assert f"│ {x['line']:<4} │ {x['problem'][:20]}" in r.output
+
+
+def write_lines(path: Path, *conversations: list) -> Path:
+    path.write_text("".join(json.dumps(c) + "\n" for c in conversations))
+    return path
+
+
+SHORT = [{"role": "user", "name": "Ann", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+LONG = [{"role": "user", "name": "Ann", "content": "word " * 200}]
+
+
+def test_preprocess_too_long_is_named_and_strict_stops_on_it(tmp_path):
+    data = write_lines(tmp_path / "d.jsonl", SHORT, LONG)
+    args = ["preprocess", "--model", "tiny-chatml", "--data", str(data), "--max-length", "64"]
+    r = runner.invoke(app, args + ["--out", str(tmp_path / "lenient")])
+    assert r.exit_code == 0, r.output
+    assert "│ 2    │ the first exchange alone is" in r.output
+    (x,) = [json.loads(line) for line in (tmp_path / "lenient" / "rejected.jsonl").read_text().splitlines()]
+    assert (x["line"], x["kind"]) == (2, "too_long")
+
+    r = runner.invoke(app, args + ["--out", str(tmp_path / "strict"), "--strict"])
+    assert r.exit_code == 1
+    message = " ".join(r.output.split())
+    assert f"{data}:2: the first exchange alone is" in message
+    assert "raise --max-length (now 64)" in message and "drop --strict" in message
+    assert "validate" not in message  # it calls such lines valid
+    assert not (tmp_path / "strict").exists()
+
+
+def test_preprocess_all_too_long_names_the_fix_not_validate(tmp_path):
+    data = write_lines(tmp_path / "d.jsonl", LONG, LONG)
+    r = runner.invoke(app, ["preprocess", "--model", "tiny-chatml", "--data", str(data),
+                            "--out", str(tmp_path / "pp"), "--max-length", "64"])
+    assert r.exit_code == 1
+    message = " ".join(r.output.split())
+    assert "no usable conversation" in message and "raise --max-length (now 64)" in message
+    assert "validate" not in message
+    assert "│ 1 │ the first exchange alone is" in message and "│ 2 │ the first exchange" in message
+
+
 def test_preprocess_unknown_preset_lists_presets(tmp_path):
     r = runner.invoke(app, ["preprocess", "--model", "gpt-5", "--out", str(tmp_path)])
     assert r.exit_code == 1 and "tiny-chatml" in r.output
@@ -72,11 +122,20 @@ def test_preprocess_with_nothing_usable_fails_clearly(tmp_path):
     assert r.exit_code == 1 and "no usable conversation" in r.output
 
 
-def test_validate_lists_rejections():
+def test_validate_lists_rejections_and_exits_3():
     r = runner.invoke(app, ["validate", str(MIXED)])
-    assert r.exit_code == 0
+    assert r.exit_code == 3  # documented: some lines rejected, the valid ones usable
     assert "5 valid conversations" in r.output and "15 rejected" in r.output
     assert "unknown role 'system'" in r.output
+    assert "3 some lines rejected" in " ".join(runner.invoke(app, ["validate", "--help"]).output.split())
+
+
+def test_validate_strict_stops_with_3_and_nothing_usable_is_1(tmp_path):
+    r = runner.invoke(app, ["validate", "--strict", str(MIXED)])
+    assert r.exit_code == 3 and f"{MIXED}:2: invalid JSON" in r.output.replace("\n", "")
+    bad = write_lines(tmp_path / "bad.jsonl", {"not": "a list"})
+    assert runner.invoke(app, ["validate", str(bad)]).exit_code == 1
+    assert runner.invoke(app, ["validate", str(tmp_path / "missing.jsonl")]).exit_code == 1
 
 
 def test_validate_sample_is_clean():
