@@ -9,13 +9,16 @@ For each family, a model is built from the family's published config (below) wit
 `load_base_model` in 4-bit NF4 with bf16 compute. `apply_lora` puts LoRA r=64 on all projections;
 `build_trainer` (the trainer `chimein train` runs) trains it with the method's batch 4 x 2,
 gradient checkpointing and length 1024, on corpus chats joined to ~1024 tokens (the length the
-published comparisons use). Two trainers run on the same model, side by side:
+published comparisons use). After an untimed warm-up, the trainers run on the same model and the
+same rows, side by side (every step timed; each variant sees every row once):
 
-  TRL       TRL's SFTTrainer and its loss (decision weight 1.0): the method as published
-  chimein   the decision-weighted loss (weight 5), which computes logits only where a label is
+  TRL SFTTrainer          TRL's trainer and loss (decision weight 1.0): the method as published
+  decision-weighted loss  ours (weight 5): logits only where a label is
+  + length-grouped        rows of similar length batched together: less padding
+  + Liger kernels         Liger-Kernel's RMSNorm, SwiGLU and RoPE (GPU only; if it imports)
 
-Each prints seconds per optimizer step (the first is discarded as warm-up), tokens per second
-(non-padding tokens) and peak GPU memory. Then the decision runtime: a fresh 4-bit base with the
+Each prints seconds per optimizer step, tokens per second (non-padding tokens, what is learned
+from) and peak GPU memory. Then the decision runtime: a fresh 4-bit base with the
 trained adapter in `GroupChatAssistant`, fed a long chat message by message: its peak memory and
 per-message decision latency (p50 at the start and at the end of the chat).
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import json
 import os
 import shutil
@@ -51,8 +55,19 @@ CONFIGS = {
                                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
 }
 TINY = {"zephyr-7b-beta": "tiny-zephyr", "openchat-3.5-0106": "tiny-openchat", "llama-2-7b-chat": "tiny-llama-2"}
-VARIANTS = [("TRL SFTTrainer (the method's loss)", 1.0),
-            ("chimein decision-weighted loss", 5.0)]
+VARIANTS = [("TRL SFTTrainer (the method)", 1.0, {}),
+            ("decision-weighted loss", 5.0, {}),
+            ("  + length-grouped batches", 5.0, {"group": True}),
+            ("  + Liger kernels", 5.0, {"group": True, "liger": True})]
+
+
+def apply_liger(model) -> None:
+    """Liger-Kernel's RMSNorm, SwiGLU and RoPE on the base model, in place (its fused linear
+    cross-entropy stays off: the decision-weighted loss computes logits only where labelled)."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model.get_base_model(), rope=True, rms_norm=True, swiglu=True,
+                                    cross_entropy=False, fused_linear_cross_entropy=False)
 
 
 def build_random_model(name: str, dst: Path, device: str) -> None:
@@ -126,11 +141,11 @@ def measure_family(name: str, args, work: Path) -> dict:
                                "trainer.per_device_train_batch_size": 4,
                                "trainer.gradient_accumulation_steps": 2,
                                "trainer.gradient_checkpointing": True,
-                               "trainer.max_steps": args.steps + 1, "trainer.save_steps": 10_000,
+                               "trainer.max_steps": args.steps, "trainer.save_steps": 10_000,
                                "trainer.logging_steps": 1})
     dtype = resolve_compute_dtype(cfg.quantization.compute_dtype)
     batch = cfg.trainer.per_device_train_batch_size * cfg.trainer.gradient_accumulation_steps
-    examples, convs = joined_chats(preset, tokenizer, max_length, batch * (args.steps + 1))
+    examples, convs = joined_chats(preset, tokenizer, max_length, batch * args.steps)
     train_ds = Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
                                   "assistant_masks": [e.assistant_masks for e in examples],
                                   "decision_masks": [e.decision_masks for e in examples]})
@@ -146,30 +161,58 @@ def measure_family(name: str, args, work: Path) -> dict:
 
     class Steps(TrainerCallback):
         def __init__(self):
-            self.marks = []  # (time, non-padding tokens seen)
+            self.start, self.marks = None, []  # (time, non-padding tokens seen) after each step
+
+        def on_step_begin(self, a, state, control, **kw):
+            if self.start is None:
+                torch.cuda.synchronize() if cuda else None
+                self.start = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
             torch.cuda.synchronize() if cuda else None
             self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
 
-    out["train"] = {}
-    for label, weight in VARIANTS:
-        vcfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"decision_weight": weight})})
+    def run(weight: float, group: bool, steps: int, rows, callbacks=()):
+        vcfg = cfg.model_copy(update={
+            "loss": cfg.loss.model_copy(update={"decision_weight": weight}),
+            "trainer": cfg.trainer.model_copy(update={"max_steps": steps})})
         sargs = sft_args(vcfg, work / "train" / f"w{weight:g}", max_length, dtype,
                          "cuda" if cuda else "cpu", progress=False)
         sargs.include_num_input_tokens_seen = "non_padding"
+        sargs.train_sampling_strategy = "group_by_length" if group else "random"
         cols = ["input_ids", "assistant_masks"] + (["decision_masks"] if weight != 1.0 else [])
+        trainer = build_trainer(vcfg, model, tokenizer, rows.select_columns(cols), sargs, dtype,
+                                callbacks=list(callbacks))
+        return trainer, trainer.train()
+
+    run(5.0, False, 2, train_ds.select(range(2 * batch)))  # warm-up: kernels, allocator, autotuning
+    out["train"] = {}
+    for label, weight, opts in VARIANTS:
+        if opts.get("liger"):
+            if not cuda:
+                print(f"  {preset.name} · {label}: skipped (Liger's kernels are Triton: GPU only)", flush=True)
+                continue
+            try:
+                apply_liger(model)
+            except Exception as e:  # noqa: BLE001 — an optional library: report, don't stop the benchmark
+                print(f"  {preset.name} · {label}: not applied ({type(e).__name__}: {e})", flush=True)
+                out["train"][label] = {"error": f"{type(e).__name__}: {e}"}
+                continue
         steps = Steps()
-        trainer = build_trainer(vcfg, model, tokenizer, train_ds.select_columns(cols), sargs, dtype,
-                                callbacks=[steps])
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        result = trainer.train()
-        (t_a, n_a), (t_b, n_b) = steps.marks[0], steps.marks[-1]
-        n_steps = len(steps.marks) - 1
-        row = {"s_per_step": (t_b - t_a) / n_steps, "tokens_per_s": (n_b - n_a) / (t_b - t_a),
-               "steps_timed": n_steps, "train_loss": result.training_loss,
+        try:
+            trainer, result = run(weight, opts.get("group", False), args.steps, train_ds, [steps])
+        except Exception as e:  # noqa: BLE001 — the Liger variant may fail on a 4-bit base
+            if not opts.get("liger"):
+                raise
+            print(f"  {preset.name} · {label}: failed ({type(e).__name__}: {e})", flush=True)
+            out["train"][label] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        t_end, tokens = steps.marks[-1]
+        row = {"s_per_step": (t_end - steps.start) / len(steps.marks), "tokens_per_s": tokens / (t_end - steps.start),
+               "steps_timed": len(steps.marks), "train_loss": result.training_loss,
                "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
                "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if cuda else None}
         out["train"][label] = row
@@ -197,6 +240,17 @@ def measure_family(name: str, args, work: Path) -> dict:
         bot.add(m.name, m.content, reply=False)
         torch.cuda.synchronize() if cuda else None
         latencies.append(time.perf_counter() - t0)
+    if args.profile:  # where one decision's time goes, at the end of the long chat
+        import cProfile
+        import pstats
+
+        m = users[len(latencies) % len(users)]
+        prof = cProfile.Profile()
+        prof.enable()
+        bot.add(m.name, m.content, reply=False)
+        torch.cuda.synchronize() if cuda else None
+        prof.disable()
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
     k = max(len(latencies) // 4, 1)
     out["runtime"] = {"messages": len(latencies), "tokens_in_context": len(bot.state.fed),
                       "latency_ms_p50_first_quarter": 1000 * statistics.median(latencies[1:k + 1]),
@@ -218,12 +272,13 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", default=",".join(CONFIGS), help="comma-separated 7B presets")
-    ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps per trainer (+1 warm-up)")
+    ap.add_argument("--steps", type=int, default=6, help="optimizer steps per trainer (one pass over the rows)")
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--messages", type=int, default=60, help="messages fed to the decision runtime")
     ap.add_argument("--tiny", action="store_true", help="the tiny-* presets (a CPU check of the script)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="skip a family when the time left is under the slowest family so far")
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of one decision")
     ap.add_argument("--out", help="write the results as JSON here (after each family)")
     ap.add_argument("--work-dir", help="where the random checkpoints go (default: /dev/shm if large)")
     args = ap.parse_args()
@@ -236,8 +291,11 @@ def main() -> None:
     started, slowest, results = time.perf_counter(), 0.0, []
     header = {"device": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)",
               "torch": torch.__version__}
-    for pkg in ("transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets"):
-        header[pkg] = __import__(pkg).__version__
+    for pkg in ("transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "liger_kernel"):
+        try:
+            header[pkg] = importlib.metadata.version(pkg.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            header[pkg] = None
     print(json.dumps(header), flush=True)
     for name in args.families.split(","):
         left = args.budget_s - (time.perf_counter() - started) if args.budget_s else None
@@ -262,6 +320,9 @@ def report(header: dict, results: list[dict]) -> None:
     for r in results:
         base = None
         for label, row in r["train"].items():
+            if "error" in row:
+                print(f"{r['preset']:<20}{label:<36}  {row['error'][:60]}")
+                continue
             base = base or row["tokens_per_s"]
             peak = f"{row['peak_allocated_gb']:.1f}" if row["peak_allocated_gb"] is not None else "-"
             print(f"{r['preset']:<20}{label:<36}{row['s_per_step']:>8.2f}{row['tokens_per_s']:>10.0f}"
