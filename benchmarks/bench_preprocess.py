@@ -14,7 +14,8 @@ import time
 from chimein.conversation import load_conversations
 from chimein.formatting import chat_turns, encode, marker_pattern
 from chimein.paths import sample_data
-from chimein.presets import load_preset, load_tokenizer
+from chimein.models import load_tokenizer
+from chimein.presets import load_preset
 
 
 def best_of(fn, repeat: int) -> float:

@@ -56,7 +56,8 @@ class StepTimer(TrainerCallback):
 def main() -> None:
     from chimein.conversation import load_conversations
     from chimein.formatting import encode
-    from chimein.presets import load_preset, load_tokenizer
+    from chimein.models import load_tokenizer
+    from chimein.presets import load_preset
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m-instruct")

@@ -118,9 +118,9 @@ def measure_family(name: str, args, work: Path) -> dict:
     from transformers import TrainerCallback
 
     from chimein.assistant import GroupChatAssistant
-    from chimein.presets import load_preset, load_tokenizer
-    from chimein.training import (apply_lora, build_trainer, load_base_model, load_train_config,
-                                  resolve_compute_dtype, sft_args)
+    from chimein.models import load_base_model, load_tokenizer, resolve_compute_dtype
+    from chimein.presets import load_preset
+    from chimein.training import apply_lora, build_trainer, load_train_config, sft_args
 
     disable_progress_bars()
     cuda = torch.cuda.is_available()

@@ -1,4 +1,5 @@
-"""Trained adapters: publish (Hub or local store) with a model card, and load back on their base.
+"""Trained adapters: publish (Hub or local store) with a model card, and read their `chimein.json`
+(`adapter_meta`). Loading one on its base is `chimein.models.load_adapter` (importable from here).
 
     chimein train ... --publish local            # store/adapters/NAME/
     chimein train ... --publish hub:ORG/NAME     # needs HF_TOKEN; private by default
@@ -16,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from chimein.dataset import store_dir
-from chimein.presets import ModelPreset
+from chimein.models import load_adapter  # noqa: F401 (loading lives in chimein.models)
 
 
 def model_card(meta: dict, repo_id: str | None = None) -> str:
@@ -48,16 +49,12 @@ assistant's turns only); MLflow run `{meta.get('mlflow_run_id', '-')}`.
 """
 
 
-def _meta(adapter_dir: Path) -> dict:
-    return json.loads((Path(adapter_dir) / "chimein.json").read_text())
-
-
 def publish_local(adapter_dir: str | Path, name: str) -> str:
     target = store_dir() / "adapters" / name
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(adapter_dir, target)
-    (target / "README.md").write_text(model_card(_meta(target)), encoding="utf-8")
+    (target / "README.md").write_text(model_card(adapter_meta(target)), encoding="utf-8")
     return f"local:{name}"
 
 
@@ -71,14 +68,15 @@ def publish_hub(adapter_dir: str | Path, repo_id: str, private: bool = True) -> 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     card = Path(adapter_dir) / "README.md"
-    card.write_text(model_card(_meta(adapter_dir), repo_id), encoding="utf-8")
+    card.write_text(model_card(adapter_meta(adapter_dir), repo_id), encoding="utf-8")
     api.upload_folder(repo_id=repo_id, folder_path=str(adapter_dir),
-                      commit_message=f"chimein adapter, dataset {_meta(adapter_dir)['dataset_version']}")
+                      commit_message=f"chimein adapter, dataset {adapter_meta(adapter_dir)['dataset_version']}")
     return f"hub:{repo_id}"
 
 
-def adapter_path(ref: str) -> str:
+def adapter_path(ref: str | Path) -> str:
     """A directory or Hub repo id that PeftModel.from_pretrained reads."""
+    ref = str(ref)
     if ref.startswith("hub:"):
         return ref[4:]
     if ref.startswith("local:"):
@@ -91,38 +89,12 @@ def adapter_path(ref: str) -> str:
     return ref
 
 
-def adapter_meta(ref: str) -> dict:
-    """chimein.json of an adapter: its preset, dataset version, MLflow run, hyperparameters."""
+def adapter_meta(ref: str | Path) -> dict:
+    """chimein.json of an adapter (a directory, local:NAME or hub:ORG/NAME): its preset, dataset
+    version, MLflow run, hyperparameters, calibrated chattiness. Its one reader."""
     from huggingface_hub import hf_hub_download
 
     path = adapter_path(ref)
     meta_file = Path(path) / "chimein.json" if Path(path).is_dir() else \
         Path(hf_hub_download(path, "chimein.json", token=os.environ.get("HF_TOKEN")))
     return json.loads(meta_file.read_text())
-
-
-def load_adapter(ref: str, quantize: bool = True):
-    """(model, tokenizer): the base named by the adapter's preset, with the adapter on top."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    from chimein.training import QuantSettings, load_base_model
-
-    path = adapter_path(ref)
-    meta = adapter_meta(ref)
-    preset = ModelPreset.model_validate(meta["preset"])
-    tokenizer = AutoTokenizer.from_pretrained(path, token=os.environ.get("HF_TOKEN"))
-    # the compute dtype it was trained with (bf16 on GPUs, and on CPUs when asked for)
-    dtype = meta.get("hyperparameters", {}).get("compute_dtype", "auto")
-    base = load_base_model(preset, QuantSettings(load_in_4bit=quantize, compute_dtype=dtype), tokenizer)
-    model = PeftModel.from_pretrained(base, path, token=os.environ.get("HF_TOKEN"))
-    # compute LoRA in the dtype it was trained in (TRL trains QLoRA adapters in bf16); in fp32
-    # the logits would drift from what training saw
-    adapter_dtype = getattr(torch, meta.get("adapter_dtype", "float32"))
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            param.data = param.data.to(adapter_dtype)
-    model.eval()
-    model.config.use_cache = True
-    return model, tokenizer

@@ -1,8 +1,11 @@
 """The group-chat assistant at run time: after each message, speak or stay silent.
 
-    from chimein.assistant import GroupChatAssistant
+    from chimein.assistant import ConversationState, GroupChatAssistant
     bot = GroupChatAssistant.from_adapter("local:smollm2-135m-instruct--ds-…")
     bot.add("Alice", "who wrote the Da Vinci Code again?")   # Decision(speak=True, p_speak=0.83, response=...)
+    bot.reply()                       # answer the last message now, whatever the decision
+    bot.reset()                       # a new, empty conversation
+    chat = bot.use(ConversationState())   # or switch between conversations (a server keeps one per id)
 
 The decision takes one forward pass: the "(silence)" and "(response)" continuations are scored
 together (a batch of two over their few diverging tokens) and p_speak is the response's share of
@@ -15,14 +18,19 @@ therefore exactly those of rendering the whole conversation with the chat templa
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from chimein.conversation import Conversation, Message, parse_conversation
 from chimein.formatting import RESPONSE, SILENCE, chat_turns, marker_pattern, neutralize, render
 from chimein.presets import ModelPreset
 
-# the method's baseline instruction (DESIGN.md, "Baseline"), used for the un-tuned base model
+DEFAULT_CHATTINESS = 0.5  # p_speak threshold when none is calibrated or given
+
+# the instruction of the prompted baselines (README, "Evaluation"): the un-tuned base model
+# (`--base`, `--baseline base`) and the OpenAI one
 BASELINE_PROMPT = (
     "You are an assistant in a group conversation. Help with relevant information or when you are "
     'directly addressed as "assistant". Do not be overzealous: most of the time the users talk to '
@@ -42,7 +50,13 @@ class Decision:
 
 
 @dataclass
-class _State:
+class ConversationState:
+    """One conversation as the assistant holds it: its messages, and the model's KV cache of what
+    was fed so far (so a new message costs its own tokens). The assistant works on one at a time
+    (`bot.state`); keep several and switch with `bot.use(state)`. The messages may be read or
+    replaced before a message is added (e.g. a history given at once); the other fields belong to
+    the assistant."""
+
     messages: list[Message] = field(default_factory=list)
     fed: list[int] = field(default_factory=list)  # token ids whose keys/values are in the cache
     cache: object = None
@@ -62,7 +76,7 @@ class _State:
 
 
 class GroupChatAssistant:
-    def __init__(self, model, tokenizer, preset: ModelPreset, chattiness: float = 0.5,
+    def __init__(self, model, tokenizer, preset: ModelPreset, chattiness: float = DEFAULT_CHATTINESS,
                  max_new_tokens: int = 96, max_context_tokens: int | None = None,
                  system_prompt: str | None = None):
         self.model = model.eval()
@@ -75,7 +89,9 @@ class GroupChatAssistant:
         self.system_prompt = system_prompt
         self.pattern = marker_pattern(tokenizer, preset)
         self.eot_id = tokenizer.convert_tokens_to_ids(preset.eot_token)
-        self.state = _State()
+        self.adapter_ref: str | None = None  # what from_adapter loaded; None for a bare base model
+        self.adapter_meta: dict = {}  # its chimein.json: preset, dataset version, MLflow run
+        self._state = ConversationState()
 
     # --- construction -------------------------------------------------------------------------
 
@@ -85,27 +101,28 @@ class GroupChatAssistant:
         """From a trained adapter: a directory, local:NAME, hub:ORG/NAME or an MLflow model URI
         (models:/NAME@ALIAS, runs:/…). By default the base is loaded as it was trained (4-bit or
         not) and the adapter's calibrated chattiness threshold is used."""
-        from chimein import adapters
+        from chimein import adapters, models
 
+        given = ref
         if ref.startswith(("models:/", "runs:/")):
             ref = _download_mlflow_adapter(ref)
         meta = adapters.adapter_meta(ref)
         if quantize is None:
             quantize = meta.get("hyperparameters", {}).get("quantization", "nf4") != "none"
-        model, tokenizer = adapters.load_adapter(ref, quantize=quantize)
-        preset = ModelPreset.model_validate(meta["preset"])
-        calibrated = meta.get("chattiness") or {"threshold": 0.5, "source": "default"}
+        model, tokenizer = models.load_adapter(ref, quantize=quantize)
+        preset = ModelPreset.from_stored(meta["preset"])
+        calibrated = meta.get("chattiness") or {"threshold": DEFAULT_CHATTINESS, "source": "default"}
         bot = cls(model, tokenizer, preset,
                   chattiness=calibrated["threshold"] if chattiness is None else chattiness, **kwargs)
         bot.chattiness_source = calibrated["source"] if chattiness is None else "fixed"
-        bot.adapter_meta = meta  # chimein.json: preset, dataset version, MLflow run
+        bot.adapter_ref, bot.adapter_meta = given, meta
         return bot
 
     @classmethod
     def from_preset(cls, name: str, quantize: bool = False, **kwargs) -> GroupChatAssistant:
         """The base model of a preset, un-tuned (the `base` baseline: pass BASELINE_PROMPT)."""
-        from chimein.presets import load_preset, load_tokenizer
-        from chimein.training import QuantSettings, load_base_model
+        from chimein.models import QuantSettings, load_base_model, load_tokenizer
+        from chimein.presets import load_preset
 
         preset = load_preset(name)
         tokenizer = load_tokenizer(preset)
@@ -115,8 +132,20 @@ class GroupChatAssistant:
 
     # --- the conversation ---------------------------------------------------------------------
 
+    @property
+    def state(self) -> ConversationState:
+        """The conversation the assistant is in (switch with `use`, start anew with `reset`)."""
+        return self._state
+
+    def use(self, state: ConversationState) -> ConversationState:
+        """Continue `state` from now on: a server keeps one per conversation and switches; the
+        cache `state` holds is reused. Returns it."""
+        self._state = state
+        return state
+
     def reset(self) -> None:
-        self.state = _State()
+        """Start a new, empty conversation."""
+        self._state = ConversationState()
 
     @property
     def conversation(self) -> Conversation:
@@ -125,16 +154,31 @@ class GroupChatAssistant:
     def add(self, name: str, content: str, force: bool = False, reply: bool = True) -> Decision:
         """A user message arrives; decide, and reply when speaking (or when `force`d). With
         reply=False only the decision is made (evaluation of decisions alone): nothing is
-        generated or added after the message."""
+        generated or added after the message. A message that is refused (InvalidConversation)
+        or a failure on the way (even Ctrl-C) leaves the conversation as it was, less its cache."""
         msg = parse_conversation([{"role": "user", "name": name, "content": content}]).messages[0]
-        self.state.messages.append(msg)
-        self._window()
-        d = self._decide()
-        speak = force or d.p_speak >= self.chattiness
-        if speak and reply:
-            d.response, d.completion_tokens = self._generate()
-            self.state.messages.append(Message("assistant", d.response))
-        d.speak = speak
+        with self._all_or_nothing():
+            self.state.messages.append(msg)
+            self._window()
+            d, branches = self._decide()
+            d.speak = force or d.p_speak >= self.chattiness
+            if d.speak and reply:
+                self._respond(d, branches)
+        return d
+
+    def reply(self) -> Decision:
+        """Answer the last user message now, whatever was decided (chat's /force): a reply the
+        assistant already gave to it is replaced. The Decision has the message's p_speak and
+        speak=True."""
+        msgs = self.state.messages
+        with self._all_or_nothing():
+            if msgs and msgs[-1].role == "assistant":
+                msgs.pop()
+            if not msgs:
+                raise ValueError("no user message to reply to yet")
+            d, branches = self._decide()
+            d.speak = True
+            self._respond(d, branches)
         return d
 
     def set_reply(self, reply: str | None) -> None:
@@ -157,17 +201,16 @@ class GroupChatAssistant:
         would be windowed: the caller then replays it message by message."""
         import torch
 
-        self.reset()
         msgs = conversation.messages
         points = []  # (message index, context, "(silence)" remainder, "(response)" remainder)
+        replayed: list[Message] = []  # the history at each decision (the current state is untouched)
         for i, m in enumerate(msgs):
             if m.role != "user":
                 continue
-            self.state.messages.append(m)
-            points.append((i, *self._branch_ids()))
+            replayed.append(m)
+            points.append((i, *self._branch_ids(replayed)))
             if i + 1 < len(msgs) and msgs[i + 1].role == "assistant":
-                self.state.messages.append(msgs[i + 1])
-        self.reset()
+                replayed.append(msgs[i + 1])
         if not points:
             return []
         main = points[-1][1]
@@ -215,7 +258,32 @@ class GroupChatAssistant:
             out.append((i, p_resp / total_p if total_p > 0 else 0.0, total_p))
         return out
 
+    def describe(self) -> str:
+        """One line on what runs: preset, adapter, threshold and where it came from, device and
+        dtype (4-bit or not)."""
+        model = f"{self.preset.name} + {self.adapter_ref}" if self.adapter_ref else f"{self.preset.name} (base)"
+        weights = "4-bit " if getattr(self.model, "is_loaded_in_4bit", False) else ""
+        return (f"{model} · chattiness {self.chattiness:.3f} ({self.chattiness_source}) · "
+                f"{self.model.device.type} {weights}{str(self.model.dtype).removeprefix('torch.')}")
+
     # --- internals ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self):
+        """Restore the messages if what follows fails: a forward pass that failed may have half
+        updated the cache, so it is dropped (the next decision feeds the messages again)."""
+        st = self.state
+        before = list(st.messages)
+        try:
+            yield
+        except BaseException:
+            st.messages[:] = before
+            st.drop_cache()
+            raise
+
+    def _respond(self, d: Decision, branches: _Branches) -> None:
+        d.response, d.completion_tokens = self._generate(branches)
+        self.state.messages.append(Message("assistant", d.response))
 
     def _turns(self, messages: list[Message] | None = None) -> list[dict]:
         turns = chat_turns(Conversation(tuple(self.state.messages if messages is None else messages)),
@@ -256,12 +324,14 @@ class GroupChatAssistant:
             out = self.model(input_ids=new, cache=st.cache, use_cache=True, logits_to_keep=1)
         st.cache, st.fed, st.last_logits = out.cache, list(ids), out.logits[0, -1]
 
-    def _decide(self) -> Decision:
+    def _decide(self) -> tuple[Decision, _Branches]:
+        """The decision on the current conversation, and the token ids it was made on (what
+        `_generate` continues)."""
         import copy
 
         import torch
 
-        context, sil, resp = self._branches = self._branch_ids()
+        context, sil, resp = branches = _Branches(*self._branch_ids())
         self._feed(context)
         logp_first = torch.log_softmax(self.state.last_logits.float(), -1)
         scores = {}
@@ -284,14 +354,14 @@ class GroupChatAssistant:
         p_sil, p_resp = math.exp(scores[SILENCE]), math.exp(scores[RESPONSE])
         total = p_sil + p_resp
         return Decision(speak=False, p_speak=p_resp / total if total > 0 else 0.0, format_mass=total,
-                        prompt_tokens=len(context))
+                        prompt_tokens=len(context)), branches
 
-    def _generate(self) -> tuple[str, int]:
+    def _generate(self, branches: _Branches) -> tuple[str, int]:
         """Greedy reply after the "(response)" prefix, until the end-of-turn token; with the
         number of tokens generated."""
         import torch
 
-        context, _, resp = self._branches  # computed by the decision just made
+        context, _, resp = branches
         self._feed(context + resp)
         out: list[int] = []
         logits = self.state.last_logits
@@ -327,6 +397,14 @@ class GroupChatAssistant:
         del msgs[:starts[lo]]
 
 
+class _Branches(NamedTuple):
+    """A decision's token ids, as the whole rendered conversation tokenizes."""
+
+    context: list[int]  # shared by both continuations: what the cache holds when deciding
+    silence: list[int]  # the rest of "(silence)"
+    response: list[int]  # the rest of "(response)", where a reply continues
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -337,37 +415,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _download_mlflow_adapter(uri: str) -> str:
-    """The adapter directory logged with a registered model (`adapter/` of its run)."""
-    import os
-    from pathlib import Path
+    from chimein.tracking import download_adapter  # MLflow lives in chimein.tracking
 
-    from chimein.training import tracking_uri
-
-    store = tracking_uri()
-    db = Path(store.removeprefix("sqlite:///"))
-    if store.startswith("sqlite:///") and not db.is_file():  # MLflow would create an empty one
-        why = (f"MLFLOW_TRACKING_URI names {db}, which does not exist"
-               if os.environ.get("MLFLOW_TRACKING_URI") else
-               f"MLFLOW_TRACKING_URI is not set and there is no {db} (the default store of `chimein train`)")
-        raise FileNotFoundError(
-            f"{uri} is looked up in MLflow, but {why}. Set MLFLOW_TRACKING_URI to your tracking "
-            "server, e.g. `export MLFLOW_TRACKING_URI=http://127.0.0.1:5000` (the one `chimein up` "
-            "starts), or run from the directory that holds mlflow.db")
-    import mlflow
-
-    mlflow.set_tracking_uri(store)
-    client = mlflow.MlflowClient()
-    try:
-        if uri.startswith("models:/"):
-            name, _, ref = uri[len("models:/"):].partition("@")
-            if ref:
-                version = client.get_model_version_by_alias(name, ref)
-            else:
-                name, _, number = uri[len("models:/"):].partition("/")
-                version = client.get_model_version(name, number)
-            run_id = version.run_id
-        else:
-            run_id = uri[len("runs:/"):].split("/")[0]
-        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter")
-    except mlflow.exceptions.MlflowException as e:
-        raise FileNotFoundError(f"{uri}: {e.message} (MLflow store {store})") from None
+    return download_adapter(uri)

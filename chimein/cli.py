@@ -9,7 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from chimein.paths import sample_data
+from chimein.generation import DEFAULT_MODELS
+from chimein.paths import sample_data, train_config_path
+from chimein.presets import DEFAULT_PRESET
 
 app = typer.Typer(
     help="Train and run a group-chat assistant that knows when to chime in.",
@@ -19,12 +21,23 @@ app = typer.Typer(
 console = Console()
 err = Console(stderr=True)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+PRESET_HELP = "Model preset: a name from `chimein presets` or a YAML path."
 
 
 def _fail(message: str) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(1)
+
+
+def _publish_target(target: str) -> str:
+    """--publish, checked before any work: 'local' or 'hub:ORG/NAME'."""
+    from chimein.dataset import hub_repo
+
+    try:
+        hub_repo(target)
+    except ValueError as e:
+        _fail(str(e))
+    return target
 
 
 @app.command()
@@ -109,7 +122,7 @@ def validate(
 
 @app.command()
 def preprocess(
-    model: Annotated[str, typer.Option(help="Model preset name or YAML path.")] = DEFAULT_MODEL,
+    model: Annotated[str, typer.Option("--preset", "--model", help=PRESET_HELP)] = DEFAULT_PRESET,
     data: Annotated[Path, typer.Option(help="JSON Lines file of conversations.")] = sample_data(),
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("outputs/preprocessed"),
     max_length: Annotated[Optional[int], typer.Option(help="Max tokens per row (default: the preset's).")] = None,
@@ -217,24 +230,23 @@ app.add_typer(dataset_app, name="dataset")
 @dataset_app.command("build")
 def dataset_build(
     data: Annotated[Path, typer.Option(help="JSON Lines file of conversations.")],
-    publish: Annotated[str, typer.Option(help="'local' (store/datasets/VERSION) or 'hub:ORG/NAME'.")] = "local",
+    publish: Annotated[str, typer.Option(help="'local' (store/datasets/VERSION) or 'hub:ORG/NAME'.", callback=_publish_target)] = "local",
     test_fraction: Annotated[float, typer.Option(help="Share of conversation groups held out.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
     public: Annotated[bool, typer.Option(help="Make a new Hub repo public (default private).")] = False,
 ) -> None:
     """Split conversations into train/test by group and publish a content-addressed version."""
-    from chimein.dataset import build_dataset, publish_hub, publish_local
+    from chimein.dataset import build_dataset, hub_repo, publish_hub, publish_local
 
-    if publish != "local" and not publish.startswith("hub:"):
-        _fail(f"--publish {publish!r}: use 'local' or 'hub:ORG/NAME'")
+    repo = hub_repo(publish)
     try:
         with err.status(f"building the dataset from {data}"):
             ds, info = build_dataset(data, test_fraction=test_fraction, seed=seed)
-        if publish == "local":
+        if repo is None:
             with err.status(f"saving {info.version} to the local store"):
                 publish_local(ds, info)
         else:  # huggingface_hub shows its own upload progress bars
-            publish_hub(ds, info, publish[4:], private=not public)
+            publish_hub(ds, info, repo, private=not public)
     except (FileNotFoundError, PermissionError, ValueError) as e:
         _fail(str(e))
     table = Table("", "", title=f"dataset {info.version}")
@@ -252,40 +264,42 @@ def dataset_build(
 @app.command()
 def train(
     dataset: Annotated[str, typer.Option(help="Dataset version (local:ds-…, hub:ORG/NAME@ds-…) or a JSONL file.")],
-    model: Annotated[str, typer.Option(help="Model preset name or YAML path.")] = DEFAULT_MODEL,
+    model: Annotated[str, typer.Option("--preset", "--model", help=PRESET_HELP)] = DEFAULT_PRESET,
     max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default: one epoch).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run from its last checkpoint.")] = False,
-    config: Annotated[Optional[Path], typer.Option(help="Training YAML (TrainConfig); options override it.")] = None,
+    config: Annotated[Optional[str], typer.Option("--train-config", "--config", help="Training config (TrainConfig): a name in conf/train/ (e.g. offline-cpu) or a YAML path; options override it.", callback=train_config_path)] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Compute dtype: auto, bfloat16, float16, float32.")] = None,
     no_4bit: Annotated[bool, typer.Option("--no-4bit", help="LoRA on full-precision weights instead of QLoRA.")] = False,
-    publish: Annotated[str, typer.Option(help="'local' (store/adapters/NAME) or 'hub:ORG/NAME'.")] = "local",
+    publish: Annotated[str, typer.Option(help="'local' (store/adapters/NAME) or 'hub:ORG/NAME'.", callback=_publish_target)] = "local",
     output_dir: Annotated[Optional[str], typer.Option(help="Checkpoints go to OUTPUT_DIR/RUN_NAME/.")] = None,
+    allow_cpu: Annotated[bool, typer.Option(help="Train a preset that needs a GPU (the 7B ones) on this machine without CUDA anyway.")] = False,
 ) -> None:
     """QLoRA-train an adapter on a dataset version; track it in MLflow; publish the adapter."""
     from pydantic import ValidationError
 
-    from chimein import adapters
-    from chimein.presets import PadTokenError
+    from chimein import adapters, tracking
+    from chimein.dataset import hub_repo
+    from chimein.presets import HardwareError, PadTokenError, check_hardware, load_preset
     from chimein.training import TrainingGuardError, load_train_config, train as run
 
-    if publish != "local" and not publish.startswith("hub:"):
-        _fail(f"--publish {publish!r}: use 'local' or 'hub:ORG/NAME'")
+    repo = hub_repo(publish)
     try:
         cfg = load_train_config(config, model=model, dataset=dataset, output_dir=output_dir,
                                 **{"trainer.max_steps": max_steps, "quantization.compute_dtype": dtype,
                                    "quantization.load_in_4bit": False if no_4bit else None})
+        check_hardware(load_preset(cfg.model), allow_cpu)  # before any download
         result = run(cfg, resume=resume)
-        where = (adapters.publish_local(result.adapter_dir, result.run_name) if publish == "local"
-                 else adapters.publish_hub(result.adapter_dir, publish[4:]))
-    except (ValidationError, FileNotFoundError, FileExistsError, PadTokenError, PermissionError,
-            TrainingGuardError, ValueError) as e:
+        where = (adapters.publish_local(result.adapter_dir, result.run_name) if repo is None
+                 else adapters.publish_hub(result.adapter_dir, repo))
+    except (ValidationError, FileNotFoundError, FileExistsError, HardwareError, PadTokenError,
+            PermissionError, TrainingGuardError, ValueError) as e:
         _fail(str(e))
     table = Table("", "", title=f"trained {result.run_name}")
     table.add_row("MLflow run", f"{result.run_id} ({result.tracking_uri})")
     note = (" (finished earlier: nothing to do)" if result.finished_earlier else
             f" (resumed from {result.resumed_from})" if result.resumed_from else "")
     table.add_row("steps", f"{result.steps}{note}")
-    table.add_row("final train loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "-")
+    table.add_row("train loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "-")
     table.add_row("labelled tokens", str(result.labelled_tokens))
     if c := result.chattiness:
         detail = (f", validation balanced accuracy {c['balanced_accuracy']:.3f}"
@@ -294,24 +308,31 @@ def train(
     table.add_row("adapter", f"{result.adapter_dir} → {where}")
     table.add_row("registered model", result.registered or "-")
     console.print(table)
-    ui = "" if result.tracking_uri.startswith("http") else f" --backend-store-uri {result.tracking_uri}"
-    console.print(f"compare runs: mlflow ui{ui}  (then open http://127.0.0.1:5000)", soft_wrap=True)
+    console.print(tracking.ui_hint(result.run_id), soft_wrap=True)
 
 
 def _load_assistant(adapter: Optional[str], base: Optional[str], chattiness: Optional[float]):
-    from chimein.assistant import BASELINE_PROMPT, GroupChatAssistant
+    import time
+
+    from chimein.assistant import BASELINE_PROMPT, DEFAULT_CHATTINESS, GroupChatAssistant
+    from chimein.models import quiet
 
     if bool(adapter) == bool(base):
         _fail("pass exactly one of --adapter REF (a trained adapter) or --base PRESET (the un-tuned "
               "base model with the method's instruction prompt)")
-    try:
-        with err.status("loading the model"):
+    start = time.perf_counter()
+    try:  # quietly: loading prints progress bars and library warnings by the screenful
+        with err.status("loading the model"), quiet():
             if adapter:
-                return GroupChatAssistant.from_adapter(adapter, chattiness=chattiness)
-            return GroupChatAssistant.from_preset(base, chattiness=0.5 if chattiness is None else chattiness,
-                                                  system_prompt=BASELINE_PROMPT)
+                bot = GroupChatAssistant.from_adapter(adapter, chattiness=chattiness)
+            else:
+                bot = GroupChatAssistant.from_preset(base, chattiness=DEFAULT_CHATTINESS if chattiness is None else chattiness,
+                                                     system_prompt=BASELINE_PROMPT)
     except FileNotFoundError as e:  # no such adapter or preset asset, or no MLflow store for models:/…
         _fail(str(e))
+    console.print(f"loaded {bot.describe()} in {time.perf_counter() - start:.1f} s", highlight=False,
+                  soft_wrap=True)
+    return bot
 
 
 CHATTINESS_HELP = ("Speak when p_speak >= this. Default: the adapter's threshold, calibrated on its "
@@ -329,10 +350,8 @@ def chat(
     from chimein.conversation import InvalidConversation
 
     bot = _load_assistant(adapter, base, chattiness)
-    console.print(f"[bold]chimein[/] · {bot.preset.name} · chattiness {bot.chattiness:.3f} "
-                  f"({bot.chattiness_source}). "
-                  "Type `Name: message` (or /as NAME), /force, /reset, /quit.")
-    speaker, last = "You", None
+    console.print("Type `Name: message` (or /as NAME), /force, /reset, /quit.")
+    speaker = "You"
     while True:
         try:
             line = console.input(f"[cyan]{speaker}>[/] ").strip()
@@ -349,14 +368,12 @@ def chat(
         if line.startswith("/as "):
             speaker = line[4:].strip() or speaker
             continue
-        force = line == "/force"
-        if force:
-            if last is None:
+        if line == "/force":
+            try:
+                d = bot.reply()
+            except ValueError:
                 console.print("[red]nothing to answer yet[/]")
                 continue
-            bot.set_reply(None)
-            bot.state.messages.pop()  # the user message is re-added, this time with a forced reply
-            name, text = last
         else:
             name, sep, text = line.partition(":")
             if sep and name.strip() and " " not in name.strip()[:20] and text.strip():
@@ -364,12 +381,11 @@ def chat(
             else:
                 name, text = speaker, line
             speaker = name
-        try:
-            d = bot.add(name, text, force=force)
-        except InvalidConversation as e:
-            console.print(f"[red]{e.problem}[/]")
-            continue
-        last = (name, text)
+            try:
+                d = bot.add(name, text)
+            except InvalidConversation as e:
+                console.print(f"[red]{e.problem}[/]")
+                continue
         if d.speak:
             console.print(f"[bold green]assistant[/] [dim](p_speak {d.p_speak:.2f})[/]: {d.response}",
                           highlight=False)
@@ -395,8 +411,8 @@ def serve(
     from chimein.server import create_app
 
     bot = _load_assistant(adapter, base, chattiness)
-    console.print(f"serving {bot.preset.name} on http://{host}:{port} "
-                  f"(POST /v1/conversations/ID/messages, POST /v1/chat/completions)")
+    console.print(f"serving on http://{host}:{port} "
+                  f"(POST /v1/conversations/ID/messages, POST /v1/chat/completions)", soft_wrap=True)
     app = create_app(bot, max_conversations, max_cache_mb=max_cache_mb,
                      max_body_bytes=int(max_body_mb * 2**20), max_messages=max_messages)
     uvicorn.run(app, host=host, port=port, log_level="warning")
@@ -406,23 +422,24 @@ def serve(
 def evaluate_cmd(
     data: Annotated[str, typer.Option(help="'benchmark' (the shipped hand-written chats), JSON Lines of conversations, or a dataset version (local:ds-…, hub:ORG/NAME@ds-…) whose held-out test split is used.")] = "benchmark",
     adapter: Annotated[Optional[str], typer.Option(help="The fine-tuned adapter to evaluate.")] = None,
-    baseline: Annotated[Optional[list[str]], typer.Option(help="'base' (needs --model) and/or 'openai'.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Preset of the base baseline (default: the adapter's).")] = None,
-    openai_model: Annotated[str, typer.Option(help="Model of the openai baseline.")] = "gpt-4o-mini",
+    baseline: Annotated[Optional[list[str]], typer.Option(help="'base' (needs --preset) and/or 'openai'.")] = None,
+    model: Annotated[Optional[str], typer.Option("--preset", "--model", help="Preset of the base baseline (default: the adapter's).")] = None,
+    openai_model: Annotated[str, typer.Option(help="Model of the openai baseline.")] = DEFAULT_MODELS["openai"],
     openai_base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible base URL.")] = None,
     chattiness: Annotated[Optional[float], typer.Option(help=CHATTINESS_HELP)] = None,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N conversations.")] = None,
     replies: Annotated[bool, typer.Option(help="Generate replies where the system speaks (reply similarity); --no-replies scores decisions only, several times faster.")] = True,
     out: Annotated[Path, typer.Option(help="JSON report.")] = Path("outputs/eval/report.json"),
-    track: Annotated[bool, typer.Option(help="Log an MLflow run with the metrics and report.")] = True,
+    track: Annotated[bool, typer.Option(help="Log an MLflow run per system with its metrics (bench.*, heldout.* or file.*, as on training runs) and the report; the fine-tuned one nested under its training run.")] = True,
     log_to_run: Annotated[bool, typer.Option(help="Also record the fine-tuned adapter's benchmark metrics on its own training run (bench.*), e.g. to re-score a champion so promotion can compare with it.")] = False,
 ) -> None:
     """Evaluate when-to-speak decisions and replies, fine-tuned and baselines side by side."""
     import json
 
-    from chimein.assistant import BASELINE_PROMPT, GroupChatAssistant
+    from chimein.assistant import BASELINE_PROMPT, DEFAULT_CHATTINESS, GroupChatAssistant
     from chimein.benchmark import load_eval_set, metrics_by_case
-    from chimein.evaluation import OpenAIBaseline, evaluate, report
+    from chimein.evaluation import HEADLINE_METRICS, OpenAIBaseline, evaluate, report
+    from chimein.models import quiet
 
     baseline = baseline or []
     if unknown := set(baseline) - {"base", "openai"}:
@@ -443,7 +460,7 @@ def evaluate_cmd(
         _fail(f"{data}: no valid conversation to evaluate")
     systems = {}
     if adapter:
-        with err.status("loading the adapter"):
+        with err.status("loading the adapter"), quiet():
             try:
                 systems["fine-tuned"] = GroupChatAssistant.from_adapter(adapter, chattiness=chattiness)
             except FileNotFoundError as e:  # no such adapter, or no MLflow store for models:/…
@@ -451,10 +468,10 @@ def evaluate_cmd(
     if "base" in baseline:
         preset = model or (systems["fine-tuned"].preset.name if adapter else None)
         if not preset:
-            _fail("--baseline base needs --model PRESET (or --adapter, whose base is used)")
-        with err.status("loading the base model"):
+            _fail("--baseline base needs --preset PRESET (or --adapter, whose base is used)")
+        with err.status("loading the base model"), quiet():
             systems["base"] = GroupChatAssistant.from_preset(
-                preset, chattiness=0.5 if chattiness is None else chattiness, system_prompt=BASELINE_PROMPT)
+                preset, chattiness=DEFAULT_CHATTINESS if chattiness is None else chattiness, system_prompt=BASELINE_PROMPT)
     if "openai" in baseline:
         try:
             systems["openai"] = OpenAIBaseline(openai_model, openai_base_url)
@@ -475,8 +492,7 @@ def evaluate_cmd(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(full, indent=2, ensure_ascii=False))
 
-    keys = ["balanced_accuracy", "f1", "missed_intervention_rate", "false_interruption_rate",
-            "precision", "recall", "macro_f1", "format_compliance", "response_similarity", "best_chattiness"]
+    keys = [*HEADLINE_METRICS, "response_similarity", "best_chattiness"]
     table = Table("metric", *results, title=f"{fingerprint}: {len(convs)} conversations, {decisions} "
                   f"of {total} decisions")
     table.add_row("chattiness", *(f"{r['chattiness']:.3f}" if r["chattiness"] is not None else "-"
@@ -492,31 +508,35 @@ def evaluate_cmd(
                           *(f"{results[n]['by_case'][case]['balanced_accuracy']:.3f}" for n in results))
         console.print(cases)
     console.print(f"report: {out}")
-    if track or log_to_run:
-        import mlflow
+    if not (track or log_to_run):
+        return
+    # one logging scheme (chimein.tracking.log_evaluation): PREFIX.METRIC and the stamp as PREFIX.*
+    # tags, on a run of each system's own, and with --log-to-run on the adapter's training run too
+    from chimein import tracking
+    from chimein.promotion import EvalStamp
 
-        from chimein.promotion import BENCH, EvalStamp, log_evaluation
-        from chimein.training import tracking_uri
-
-        mlflow.set_tracking_uri(tracking_uri())
+    client, prefix = tracking.client(), tracking.eval_prefix(data)
+    stamps = {name: EvalStamp.of(system, fingerprint, results[name]["metrics"]["decisions"], total)
+              if isinstance(system, GroupChatAssistant) else
+              EvalStamp(fingerprint, results[name]["metrics"]["decisions"], total, None, "model output")
+              for name, system in systems.items()}
     if track:
-        mlflow.set_experiment("chimein-eval")
-        with mlflow.start_run(run_name=f"eval--{Path(data).stem}") as run:
-            mlflow.log_params({"data": data, "adapter": adapter or "-", "chattiness": chattiness,
-                               "baselines": ",".join(baseline) or "-", "conversations": len(convs)})
-            mlflow.set_tags({"eval.fingerprint": fingerprint, "eval.decisions": str(decisions),
-                             "eval.total_decisions": str(total)})
-            for name, r in results.items():
-                mlflow.log_metrics({f"{name}.{k}": float(v) for k, v in r["metrics"].items()
-                                    if isinstance(v, (int, float)) and v == v})
-            mlflow.log_artifact(str(out))
-        console.print(f"MLflow run {run.info.run_id} (experiment chimein-eval)")
+        for name, system in systems.items():
+            tuned = isinstance(system, GroupChatAssistant) and name == "fine-tuned"
+            run_id = tracking.start_evaluation_run(
+                client, name, data, stamps[name], trained_run_id=system.adapter_meta.get("mlflow_run_id") if tuned else None,
+                params={"data": data, "system": name, "adapter": adapter if tuned else None,
+                        "model": system.preset.name if isinstance(system, GroupChatAssistant) else openai_model,
+                        "chattiness": results[name]["chattiness"], "conversations": len(convs), "replies": replies})
+            tracking.log_evaluation(client, run_id, prefix, results[name]["metrics"], stamps[name])
+            client.log_artifact(run_id, str(out))
+            client.set_terminated(run_id)
+            console.print(f"MLflow run {run_id}: {name} ({prefix}.*)", highlight=False)
+        console.print(tracking.ui_hint(run_id), soft_wrap=True)
     if log_to_run:
-        bot = systems["fine-tuned"]
-        run_id = bot.adapter_meta["mlflow_run_id"]
-        log_evaluation(mlflow.MlflowClient(), run_id, BENCH, results["fine-tuned"]["metrics"],
-                       EvalStamp.of(bot, fingerprint, decisions, total))
-        console.print(f"recorded bench.* on the adapter's training run {run_id}")
+        run_id = systems["fine-tuned"].adapter_meta["mlflow_run_id"]
+        tracking.log_evaluation(client, run_id, prefix, results["fine-tuned"]["metrics"], stamps["fine-tuned"])
+        console.print(f"recorded {prefix}.* on the adapter's training run {run_id}")
 
 
 def _stack(directory: Path, prefect_port: int, mlflow_port: int):

@@ -15,13 +15,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import StringConstraints
 
 from chimein.conversation import Conversation, load_conversations
 from chimein.corpus import group_key
 
 FORMAT_VERSION = 2  # 2: a validation split; bump when the row layout changes: the same data then gets a new id
+
+# Where a dataset version or an adapter is published: `local` (the store) or `hub:ORG/NAME`.
+# As a pydantic field type the Prefect form shows the pattern and refuses anything else.
+PUBLISH_PATTERN = r"^(local|hub:[\w.-]+/[\w.-]+)$"
+PublishTarget = Annotated[str, StringConstraints(pattern=PUBLISH_PATTERN)]
+
+
+def hub_repo(target: str) -> str | None:
+    """ORG/NAME of a `hub:ORG/NAME` publish target, None for `local`."""
+    if not re.fullmatch(PUBLISH_PATTERN, target):
+        raise ValueError(f"publish target {target!r}: use 'local' or 'hub:ORG/NAME'")
+    return None if target == "local" else target.removeprefix("hub:")
 
 
 def store_dir() -> Path:
@@ -184,6 +200,12 @@ def publish_hub(ds, info: DatasetInfo, repo_id: str, private: bool = True) -> Da
     api.create_tag(repo_id, tag=info.version, repo_type="dataset", exist_ok=True)
     info.location = f"hub:{repo_id}@{info.version}"
     return info
+
+
+def publish_dataset(ds, info: DatasetInfo, target: str = "local", private: bool = True) -> DatasetInfo:
+    """Publish to a target: `local` or `hub:ORG/NAME` (see hub_repo)."""
+    repo = hub_repo(target)
+    return publish_local(ds, info) if repo is None else publish_hub(ds, info, repo, private=private)
 
 
 def load_published(ref: str):

@@ -17,7 +17,13 @@ import re
 from dataclasses import asdict, dataclass
 
 from chimein.assistant import BASELINE_PROMPT, Decision
-from chimein.conversation import Conversation, Message
+from chimein.conversation import Conversation
+from chimein.generation import DEFAULT_MODELS
+
+# the metrics every table shows, in this order (keys of report()["metrics"]): the CLI, the flows'
+# artifacts and summaries; balanced accuracy first, as it decides promotion by default
+HEADLINE_METRICS = ("balanced_accuracy", "f1", "missed_intervention_rate", "false_interruption_rate",
+                    "precision", "recall", "macro_f1", "format_compliance")
 
 
 @dataclass
@@ -167,7 +173,7 @@ class OpenAIBaseline:
 
     REMINDER = 'Remember: reply "(silence)" unless you are addressed or have an important fact to add.'
 
-    def __init__(self, model: str = "gpt-4o-mini", base_url: str | None = None, timeout_s: float = 60):
+    def __init__(self, model: str = DEFAULT_MODELS["openai"], base_url: str | None = None, timeout_s: float = 60):
         import openai
 
         key = os.environ.get("OPENAI_API_KEY")

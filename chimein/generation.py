@@ -46,21 +46,29 @@ API_KEYS = {"openai": "OPENAI_API_KEY", "replicate": "REPLICATE_API_TOKEN"}
 log = logging.getLogger(__name__)
 
 
-class GenerationConfig(BaseModel):
-    """How to generate conversations. conf/generation/default.yaml holds the topic and name lists."""
+class GenerationSettings(BaseModel):
+    """What a generation run chooses (the flows' `generation` parameter); GenerationConfig adds
+    the lists and tuning, from conf/generation/default.yaml."""
 
     model_config = ConfigDict(extra="forbid")
 
     source: Literal["offline", "openai", "replicate"] = Field(
-        "offline", description="offline: the curated corpus + augmentation (no key, no network)."
+        "offline", description="offline: the curated corpus + augmentation (no key, no network); "
+        "openai: any OpenAI-compatible server; replicate: Replicate's API."
     )
-    count: int = Field(200, gt=0, description="Accepted conversations wanted in the output.")
+    count: int = Field(300, gt=0, description="Accepted conversations wanted in the output "
+                       "(300: what conf/train/offline-cpu.yaml's steps are sized for).")
     seed: int = Field(0, description="Run seed; request i's seed is derived from it.")
     model: str | None = Field(None, description="Model id; default per source (DEFAULT_MODELS).")
     base_url: str | None = Field(
         None, description="API base URL: any OpenAI-compatible server (vLLM, Ollama, llama.cpp), "
         "or a Replicate-compatible one. Default: the client's (OPENAI_BASE_URL / REPLICATE_BASE_URL)."
     )
+
+
+class GenerationConfig(GenerationSettings):
+    """How to generate conversations. conf/generation/default.yaml holds the topic and name lists."""
+
     prompt: str = Field("generate-conversation", description="conf/prompts/NAME.txt")
     topics: list[str] = Field(min_length=1)
     names: list[str] = Field(min_length=5)

@@ -14,6 +14,13 @@ def conf_dir() -> Path:
     return checkout if checkout.is_dir() else _PACKAGE / "conf"
 
 
+def train_config_path(name_or_path: str | None) -> str | None:
+    """conf/train/NAME.yaml for a name, a YAML path as it is; None (the method's defaults) stays None."""
+    if name_or_path is None or Path(name_or_path).suffix in (".yaml", ".yml"):
+        return name_or_path
+    return str(conf_dir() / "train" / f"{name_or_path}.yaml")
+
+
 def cache_dir() -> Path:
     """CHIMEIN_CACHE, else the user cache directory (e.g. ~/.cache/chimein)."""
     from platformdirs import user_cache_dir

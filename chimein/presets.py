@@ -1,10 +1,9 @@
-"""Model presets (conf/models/*.yaml), chat-template families, and tokenizer loading.
+"""Model presets (conf/models/*.yaml), chat-template families, and the hardware check.
 
 A preset names a model and everything that differs between model families: the Hub id, the
 family (which fixes the chat template, the end-of-turn token and the template's marker text), the
-pad-token policy, the LoRA target modules and the dtype. Loading goes through
-`transformers.AutoTokenizer.from_pretrained` whether the files come from the Hub or from a local
-asset built by `chimein assets`, so the offline path is the Hub path after download.
+pad-token policy, the LoRA target modules, and whether training it needs a GPU. Loading a preset's
+tokenizer and model is chimein.models (its loaders stay importable from here).
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from chimein.assets import asset_dir, asset_has_weights
 from chimein.paths import conf_dir
 
 
@@ -72,10 +70,10 @@ class ModelPreset(BaseModel):
         "never learn to stop."
     )
     lora_target_modules: list[str] = Field(description="Linear layers that get LoRA adapters.")
-    torch_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="Compute dtype where the hardware has it; fp16 collapsed Llama-2's loss."
-    )
     max_length: int = Field(1024, gt=0, description="Max tokens per training row; longer conversations lose whole trailing turns.")
+    needs_gpu: bool = Field(
+        False, description="Training it needs a CUDA GPU (7B: a ~14 GB download, then days on a CPU): "
+        "check_hardware refuses it on a machine without one unless allow_cpu.")
 
     @model_validator(mode="after")
     def _has_a_source(self) -> ModelPreset:
@@ -87,6 +85,12 @@ class ModelPreset(BaseModel):
     def eot_token(self) -> str:
         return FAMILIES[self.family].eot_token
 
+    @classmethod
+    def from_stored(cls, data: dict) -> ModelPreset:
+        """The preset as an adapter stored it (chimein.json). Adapters trained before `torch_dtype`
+        was removed (it was set in every preset and read by nothing) still carry it."""
+        return cls.model_validate({k: v for k, v in data.items() if k != "torch_dtype"})
+
 
 def preset_path(name_or_path: str) -> Path:
     p = Path(name_or_path)
@@ -97,6 +101,11 @@ def preset_path(name_or_path: str) -> Path:
 
 def list_presets() -> list[str]:
     return sorted(p.stem for p in (conf_dir() / "models").glob("*.yaml"))
+
+
+DEFAULT_PRESET = "smollm2-135m-instruct"  # the offline default: trains on a CPU in minutes
+# a preset name of conf/models/, as a flow parameter: the Prefect form offers the presets that exist
+PresetName = Literal[tuple(list_presets())]
 
 
 def load_preset(name_or_path: str) -> ModelPreset:
@@ -114,72 +123,25 @@ def load_preset(name_or_path: str) -> ModelPreset:
     return preset
 
 
-class PadTokenError(ValueError):
-    pass
+class HardwareError(RuntimeError):
+    """The preset needs hardware this machine lacks; the message names where to run it."""
 
 
-def resolve_pad_token(tokenizer, policy: str) -> None:
-    """Give the tokenizer a pad token distinct from EOS, following the preset's policy."""
-    if policy == "unk":
-        if tokenizer.unk_token is None or tokenizer.unk_token == tokenizer.eos_token:
-            raise PadTokenError(
-                f"pad policy 'unk' needs an UNK token distinct from EOS ({tokenizer.eos_token!r}), "
-                f"but UNK is {tokenizer.unk_token!r}; set the preset's pad_token to 'add' instead"
-            )
-        tokenizer.pad_token = tokenizer.unk_token
-    elif policy == "add":
-        tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    else:
-        if policy not in tokenizer.get_vocab():
-            raise PadTokenError(
-                f"pad token {policy!r} is not in the tokenizer's vocabulary; use 'unk', 'add' or "
-                "an existing token"
-            )
-        tokenizer.pad_token = policy
-    check_pad_token(tokenizer)
+def check_hardware(preset: ModelPreset, allow_cpu: bool = False) -> None:
+    """Refuse, before anything is downloaded, to train a preset that needs a GPU on a machine
+    without CUDA (a worker of the wrong pool would download ~14 GB, then train for days)."""
+    if not preset.needs_gpu or allow_cpu:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise HardwareError(
+            f"preset {preset.name!r} needs a CUDA GPU and this machine has none. Run it on a worker "
+            "of the `gpu` work pool on a GPU host (`prefect worker start --pool gpu`, "
+            f"infra/prefect.yaml), pick a CPU preset such as {DEFAULT_PRESET!r}, or set `allow_cpu: "
+            "true` (`chimein train --allow-cpu`) to run it on the CPU anyway.")
 
 
-def check_pad_token(tokenizer) -> None:
-    """Refuse a tokenizer whose pad token is missing or equal to EOS."""
-    if tokenizer.pad_token is None:
-        raise PadTokenError(
-            "tokenizer has no pad token; set the preset's pad_token policy ('unk', 'add' or a token)"
-        )
-    if tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise PadTokenError(
-            f"pad token equals EOS ({tokenizer.eos_token!r}): padded positions are masked out of "
-            "the loss, so the model never learns to emit EOS and generates forever. Set "
-            "tokenizer.pad_token to a distinct token, e.g. UNK (the preset's pad_token: 'unk'), "
-            "or add one (pad_token: 'add')"
-        )
-
-
-def model_source(preset: ModelPreset, need_weights: bool) -> str:
-    """Where from_pretrained reads: the local asset when it is built (and has what is needed),
-    else the Hub id (the normal Hub download path)."""
-    if preset.asset:
-        local = asset_dir(preset.asset)
-        if local is not None and (asset_has_weights(preset.asset) or not need_weights):
-            return str(local)
-    if preset.hub_id:
-        return preset.hub_id
-    raise FileNotFoundError(
-        f"preset {preset.name!r} needs the local asset {preset.asset!r}, which is not built; "
-        "run `chimein assets` (or `make run`) first"
-    )
-
-
-def load_tokenizer(preset: ModelPreset):
-    """The preset's tokenizer with its family's chat template and a resolved pad token."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_source(preset, need_weights=False))
-    tokenizer.chat_template = chat_template(preset.family)
-    eot_ids = tokenizer(preset.eot_token, add_special_tokens=False).input_ids
-    if len(eot_ids) != 1:
-        raise ValueError(
-            f"end-of-turn token {preset.eot_token!r} of family {preset.family!r} is not a single "
-            f"token in {preset.name}'s tokenizer (got {eot_ids}); the family is wrong for this model"
-        )
-    resolve_pad_token(tokenizer, preset.pad_token)
-    return tokenizer
+# loading lives in chimein.models; these names stay importable from here
+from chimein.models import (PadTokenError, check_pad_token, load_tokenizer,  # noqa: E402,F401
+                            model_source, resolve_pad_token)

@@ -1,22 +1,25 @@
-"""Evaluations recorded on MLflow runs, and champion promotion that compares only like with like.
+"""Champion promotion that compares only like with like, from evaluations recorded on MLflow runs.
 
-Every evaluation is logged on the training run with what makes it comparable: the evaluation set's
-fingerprint (`bench-…` for the shipped benchmark, the dataset version for a held-out split), the
-number of decisions scored, whether the whole set was scored, and the chattiness threshold (and
-where it came from: calibrated with the adapter, or fixed by the caller). Two metric sets:
+Every evaluation is logged (chimein.tracking.log_evaluation) with what makes it comparable, its
+EvalStamp: the evaluation set's fingerprint (`bench-…` for the shipped benchmark, the dataset
+version for a held-out split), the number of decisions scored, whether the whole set was scored,
+and the chattiness threshold (and where it came from: calibrated with the adapter, or fixed by
+the caller). Metric sets on a training run:
 
     bench.*     the shipped benchmark (chimein/benchmark.py): the only one that decides promotion
     heldout.*   the run's own held-out split, a quick check (splits differ per dataset version)
 
 The `champion` alias moves only when the new version beats its holder on the same benchmark, both
 scored in full, with the same kind of threshold; otherwise nothing moves and the reason says why.
+The verdict is tagged on the run and on the model version, with the version's benchmark scores.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-BENCH, HELDOUT = "bench", "heldout"
+from chimein.tracking import BENCH
+
 METRICS = ("balanced_accuracy", "macro_f1", "f1", "precision", "recall", "accuracy")
 LOWER_IS_BETTER = ("missed_intervention_rate", "false_interruption_rate")
 
@@ -29,18 +32,18 @@ class EvalStamp:
     fingerprint: str
     decisions: int  # scored
     total: int  # in the whole set
-    chattiness: float
-    chattiness_source: str  # "calibrated" (the adapter's own threshold) or "fixed"
+    chattiness: float | None  # None: the system decides in its output (the OpenAI baseline)
+    chattiness_source: str  # "calibrated" (the adapter's own threshold), "fixed" or "model output"
 
     @property
     def complete(self) -> bool:
         return self.decisions == self.total
 
     def tags(self, prefix: str) -> dict[str, str]:
+        threshold = {} if self.chattiness is None else {f"{prefix}.chattiness": f"{self.chattiness:.6g}"}
         return {f"{prefix}.fingerprint": self.fingerprint, f"{prefix}.decisions": str(self.decisions),
                 f"{prefix}.total_decisions": str(self.total), f"{prefix}.complete": str(self.complete).lower(),
-                f"{prefix}.chattiness": f"{self.chattiness:.6g}",
-                f"{prefix}.chattiness_source": self.chattiness_source}
+                **threshold, f"{prefix}.chattiness_source": self.chattiness_source}
 
     @classmethod
     def of(cls, bot, fingerprint: str, decisions: int, total: int) -> EvalStamp:
@@ -52,24 +55,10 @@ class EvalStamp:
     def from_tags(cls, tags: dict, prefix: str) -> EvalStamp | None:
         if f"{prefix}.fingerprint" not in tags:
             return None
+        threshold = tags.get(f"{prefix}.chattiness")
         return cls(tags[f"{prefix}.fingerprint"], int(tags[f"{prefix}.decisions"]),
-                   int(tags[f"{prefix}.total_decisions"]), float(tags[f"{prefix}.chattiness"]),
+                   int(tags[f"{prefix}.total_decisions"]), None if threshold is None else float(threshold),
                    tags[f"{prefix}.chattiness_source"])
-
-
-def log_evaluation(client, run_id: str, prefix: str, metrics: dict, stamp: EvalStamp) -> None:
-    """Metrics as PREFIX.NAME and the stamp as PREFIX.* tags, on the training run. A partial
-    benchmark score (a subset of it) goes to bench_partial.*, so it never overwrites a whole one."""
-    if prefix == BENCH and not stamp.complete:
-        prefix = f"{BENCH}_partial"
-    import time
-
-    from mlflow.entities import Metric, RunTag
-
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(f"{prefix}.{k}", float(v), now, 0) for k, v in metrics.items()
-                                      if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v],
-                     tags=[RunTag(k, v) for k, v in stamp.tags(prefix).items()])
 
 
 @dataclass(frozen=True)
@@ -116,7 +105,8 @@ def compare(metric: str, new_value: float | None, new: EvalStamp | None,
 
 def promote(client, registered: str, metric: str, alias: str = "champion") -> Verdict:
     """Point `alias` of the registered model at version NAME/VERSION if `compare` says so, from
-    the bench.* metrics and tags of both runs. The verdict is tagged on the new run."""
+    the bench.* metrics and tags of both runs. The verdict is tagged on the new run and version,
+    and the version gets its benchmark scores as tags (they are on its run too)."""
     import mlflow
 
     name, version = registered.rsplit("/", 1)
@@ -139,5 +129,21 @@ def promote(client, registered: str, metric: str, alias: str = "champion") -> Ve
         verdict = compare(metric, metrics.get(f"{prefix}.{metric}"), EvalStamp.from_tags(tags, prefix), held)
         if verdict.move:
             client.set_registered_model_alias(name, alias, version)
-    client.set_tag(run_id, "chimein.promotion", ("moved: " if verdict.move else "kept: ") + verdict.reason)
+    said = ("moved: " if verdict.move else "kept: ") + verdict.reason
+    client.set_tag(run_id, "chimein.promotion", said)
+    tag_version(client, name, version, new_run.data, said)
     return verdict
+
+
+def tag_version(client, name: str, version: str, run_data, verdict: str) -> None:
+    """The version's benchmark scores (whole: bench.*, else bench_partial.*) and stamp, and the
+    promotion verdict, as model version tags: the registry page shows them without opening the run."""
+    tags = {"chimein.promotion": verdict}
+    for prefix in (BENCH, f"{BENCH}_partial"):
+        if f"{prefix}.fingerprint" in run_data.tags:
+            tags |= {k: f"{v:.4f}" for k, v in run_data.metrics.items()
+                     if k.startswith(f"{prefix}.") and k.removeprefix(f"{prefix}.") in METRICS + LOWER_IS_BETTER}
+            tags |= {k: v for k, v in run_data.tags.items() if k.startswith(f"{prefix}.")}
+            break
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v[:5000])

@@ -36,7 +36,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from chimein.assistant import Decision, GroupChatAssistant, _State
+from chimein.assistant import ConversationState, Decision, GroupChatAssistant
 from chimein.conversation import InvalidConversation, parse_conversation
 from chimein.formatting import SILENCE
 
@@ -134,7 +134,7 @@ def create_app(bot: GroupChatAssistant, max_conversations: int = 256, max_cache_
         return Response(json.dumps({"detail": jsonable_encoder(errors)}), 422, media_type="application/json")
 
     lock = threading.Lock()  # one model, one cache in use at a time
-    conversations: OrderedDict[str, _State] = OrderedDict()  # least recently used first
+    conversations: OrderedDict[str, ConversationState] = OrderedDict()  # least recently used first
     cache_bytes: dict[str, int] = {}  # each conversation's cache, measured after its last message
     stats = {"conversations": 0, "cache_bytes": 0}  # for /healthz, which must not wait for the lock
     created = int(time.time())
@@ -146,19 +146,13 @@ def create_app(bot: GroupChatAssistant, max_conversations: int = 256, max_cache_
         except InvalidConversation as e:
             raise HTTPException(422, e.problem) from None
 
-    def decide(state: _State, name: str, content: str, force: bool) -> Decision:
+    def decide(state: ConversationState, name: str, content: str, force: bool) -> Decision:
         """Add a checked message to `state` and decide (under the lock). On failure the state is
-        as before, less its cache: a forward pass that failed may have half-updated it."""
-        before = list(state.messages)
-        bot.state = state
-        try:
-            return bot.add(name, content, force=force)
-        except Exception:
-            state.messages[:] = before
-            state.drop_cache()
-            raise
+        as before, less its cache (the assistant sees to it)."""
+        bot.use(state)
+        return bot.add(name, content, force=force)
 
-    def keep(cid: str, state: _State) -> None:
+    def keep(cid: str, state: ConversationState) -> None:
         """Store a conversation as the most recently used; then, least recently used first, drop
         whole conversations beyond the count and caches beyond the bytes (under the lock)."""
         conversations[cid] = state
@@ -179,7 +173,7 @@ def create_app(bot: GroupChatAssistant, max_conversations: int = 256, max_cache_
     def post_message(msg: MessageIn, cid: str = Path(min_length=1, max_length=256)) -> DecisionOut:
         check(msg.name, msg.content)
         with lock:
-            state = conversations.get(cid) or _State()
+            state = conversations.get(cid) or ConversationState()
             d = decide(state, msg.name, msg.content, msg.force)
             keep(cid, state)
         return DecisionOut(speak=d.speak, p_speak=d.p_speak, response=d.response)
@@ -213,7 +207,7 @@ def create_app(bot: GroupChatAssistant, max_conversations: int = 256, max_cache_
         except InvalidConversation as e:
             raise HTTPException(422, f"messages: {e.problem}") from None
         with lock:  # windowed by the assistant like a conversation
-            d = decide(_State(messages=history), name, last.content, False)
+            d = decide(ConversationState(messages=history), name, last.content, False)
         content = d.response if d.speak else SILENCE
         usage = {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
                  "total_tokens": d.prompt_tokens + d.completion_tokens}

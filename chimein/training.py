@@ -1,13 +1,19 @@
 """QLoRA fine-tuning with MLflow tracking, guards against the known traps, and resume.
 
-    chimein train --model smollm2-135m-instruct --dataset outputs/conversations.jsonl --max-steps 20
+    chimein train --preset smollm2-135m-instruct --dataset outputs/conversations.jsonl --max-steps 20
 
-Plan: resolve config → dataset version → tokenize the train split with exact assistant masks →
-load the base in 4-bit NF4 (bitsandbytes; CPU and GPU alike) → LoRA → TRL SFTTrainer → adapter,
-logged to MLflow (params, per-step metrics, tags, artifacts, a registered model).
+Plan, the steps of `train`:
+  1. data: the dataset version, its train split tokenized with exact assistant masks
+     (`tokenize_train_split`; the flows run it as a cached task, tasks/preprocess.py)
+  2. run: start the MLflow run (params, tags, the dataset as input, config) or resume it
+  3. model: the base in 4-bit NF4 (bitsandbytes; CPU and GPU alike) with LoRA
+  4. train: TRL's SFTTrainer (or the decision-weighted one), per-step metrics to MLflow
+  5. adapter: saved, and the chattiness threshold calibrated on the validation split
+  6. publish: the registered model, artifacts and chimein.json (written last: the run is done)
 
-Defaults are the method's (DESIGN.md): LoRA r=64, alpha=16, dropout 0.1; batch 4 × accumulation 2;
-gradient checkpointing; lr 2e-4 constant after 3 % warmup; max grad norm 0.3; max length 1024.
+Defaults are the method's (README, "Training"): LoRA r=64, alpha=16, dropout 0.1; batch 4 ×
+accumulation 2; gradient checkpointing; lr 2e-4 constant after 3 % warmup; max grad norm 0.3;
+max length 1024. MLflow names and helpers are in chimein/tracking.py.
 """
 
 from __future__ import annotations
@@ -16,17 +22,23 @@ import functools
 import hashlib
 import json
 import math
-import os
-import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from chimein.presets import ModelPreset, load_preset, load_tokenizer, model_source
+from chimein import tracking
+from chimein.adapters import adapter_meta
+from chimein.assistant import DEFAULT_CHATTINESS
+# model loading lives in chimein.models; QuantSettings, load_base_model and resolve_compute_dtype
+# stay importable from here
+from chimein.models import QuantSettings, load_base_model, load_tokenizer, resolve_compute_dtype
+from chimein.preprocess import EXAMPLES_LEGEND, PreprocessSummary
+from chimein.presets import DEFAULT_PRESET, ModelPreset, load_preset
+from chimein.tracking import tracking_uri
 
 
 class LoraSettings(BaseModel):
@@ -43,17 +55,6 @@ class LoraSettings(BaseModel):
         "auto", description="dtype of the LoRA weights. auto: the compute dtype (bf16 on GPUs that "
         "have it, fp32 on CPUs); TRL alone puts QLoRA adapters in bf16 everywhere. On a 2-core CPU "
         "both train at the same speed (benchmarks/bench_train_step.py).")
-
-
-class QuantSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    load_in_4bit: bool = Field(True, description="QLoRA: base weights in 4-bit; False trains LoRA on full-precision weights.")
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = Field(False, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
-    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="auto: bf16 on GPUs that have it, else fp32. fp16 only on request: it "
-        "collapsed Llama-2's loss to 0.0 in the original.")
 
 
 class TrainerSettings(BaseModel):
@@ -105,13 +106,14 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("smollm2-135m-instruct", description="Model preset name or YAML path.")
+    model: str = Field(DEFAULT_PRESET, description="Model preset name or YAML path.")
     dataset: str = Field(description="Dataset version (local:ds-…, hub:ORG/NAME@ds-…) or a JSONL path.")
     max_length: int | None = Field(None, description="Tokens per row; default: the preset's.")
     attn_implementation: Literal["auto", "eager", "sdpa"] = Field(
         "auto", description="Attention kernel for training. auto: transformers' default (SDPA). On a "
         "2-core CPU, eager is ~1.2x faster for ~400-token chats (benchmarks/bench_train_step.py).")
-    experiment: str = Field("chimein", description="MLflow experiment (one per pipeline).")
+    experiment: str = Field(tracking.DEFAULT_EXPERIMENT, description="MLflow experiment (one per "
+                            "pipeline); a child run (a comparison's) goes to its parent's.")
     output_dir: str = Field("outputs/train", description="Checkpoints go to OUTPUT_DIR/RUN_NAME/.")
     lora: LoraSettings = LoraSettings()
     quantization: QuantSettings = QuantSettings()
@@ -130,10 +132,14 @@ def load_train_config(path: str | Path | None = None, **overrides) -> TrainConfi
     return TrainConfig.model_validate(data or {})
 
 
-def flat_params(cfg: TrainConfig, preset: ModelPreset) -> dict[str, str]:
-    """Consistent names across runs, so runs of different presets line up in MLflow."""
-    out = {f"preset.{k}": v for k, v in preset.model_dump().items()}
-    for k, v in cfg.model_dump().items():
+def flat_params(cfg: TrainConfig, preset: ModelPreset, version: str, max_length: int) -> dict[str, str]:
+    """Every setting once, under the same names across runs so runs of different presets line up
+    in MLflow: preset.* (the model), data.* (the dataset version, the max length in effect) and
+    the config's sections. `model`, `dataset` and `max_length` are there as preset.name,
+    data.version and data.max_length."""
+    out = {f"preset.{k}": v for k, v in preset.model_dump(exclude={"max_length"}).items()}
+    out |= {"data.version": version, "data.max_length": max_length}
+    for k, v in cfg.model_dump(exclude={"model", "dataset", "max_length"}).items():
         if isinstance(v, dict):
             out |= {f"{k}.{kk}": vv for kk, vv in v.items()}
         else:
@@ -146,16 +152,6 @@ def flat_params(cfg: TrainConfig, preset: ModelPreset) -> dict[str, str]:
 
 class TrainingGuardError(RuntimeError):
     """A known trap was hit; the message names the fix."""
-
-
-def resolve_compute_dtype(setting: str):
-    import torch
-
-    if setting != "auto":
-        return getattr(torch, setting)
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
 
 
 def check_labelled_tokens(train_rows) -> int:
@@ -297,28 +293,6 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, args, dtype, cal
 # --- model ----------------------------------------------------------------------------------------
 
 
-def load_base_model(preset: ModelPreset, quant: QuantSettings, tokenizer, attn_implementation: str = "auto"):
-    """The preset's base model, 4-bit NF4 when asked (same path on CPU and GPU)."""
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    dtype = resolve_compute_dtype(quant.compute_dtype)
-    kwargs = {"dtype": dtype}
-    if attn_implementation != "auto":
-        kwargs["attn_implementation"] = attn_implementation
-    if quant.load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
-            bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=quant.double_quant)
-        kwargs["device_map"] = {"": 0 if torch.cuda.is_available() else "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(model_source(preset, need_weights=True), **kwargs)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # pad policy 'add'
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.use_cache = False  # incompatible with gradient checkpointing; inference turns it on
-    return model
-
-
 def apply_lora(model, preset: ModelPreset, lora: LoraSettings, gradient_checkpointing: bool):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -336,64 +310,92 @@ def apply_lora(model, preset: ModelPreset, lora: LoraSettings, gradient_checkpoi
     return get_peft_model(model, config)
 
 
-# --- MLflow ---------------------------------------------------------------------------------------
-
-
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else a SQLite file in the working directory (no server needed)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def mlflow_logger(client, run_id: str):
+def progress_log(log, every_s: float = 10.0):
+    """A callback that reports progress to `log` (a logging.Logger; the Prefect tasks pass their
+    run logger, so it reaches the flow run's log, not only the worker's stdout): step, loss,
+    tokens/s and ETA at the first logged step, then at most every `every_s` seconds, and at the last."""
     from transformers import TrainerCallback
 
-    class MlflowLogger(TrainerCallback):
-        """Per-step metrics to one run, by id (MLflow's active run is per thread)."""
+    def duration(s: float) -> str:
+        return "?" if not math.isfinite(s) else f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" \
+            if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
-        def __init__(self):
-            self.last = None  # (time, tokens seen)
+    class ProgressLog(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start, self.first_step = time.monotonic(), state.global_step
+            self.first_tokens, self.reported = state.num_input_tokens_seen, -math.inf
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            from mlflow.entities import Metric
+            loss, now = (logs or {}).get("loss"), time.monotonic()
+            if loss is None or (now - self.reported < every_s and state.global_step < state.max_steps):
+                return
+            self.reported = now
+            elapsed, done = now - self.start, state.global_step - self.first_step
+            rate = (state.num_input_tokens_seen - self.first_tokens) / elapsed if elapsed > 0 else 0.0
+            eta = elapsed / done * (state.max_steps - state.global_step) if done else math.nan
+            log.info(f"step {state.global_step}/{state.max_steps}  loss {loss:.4f}  "
+                     f"{rate:,.0f} tokens/s  ETA {duration(eta)}")
 
-            now = time.time()
-            metrics = {k: float(v) for k, v in (logs or {}).items()
-                       if isinstance(v, (int, float)) and k in
-                       ("loss", "grad_norm", "learning_rate", "epoch", "train_loss", "train_runtime")}
-            seen = state.num_input_tokens_seen
-            if self.last and seen > self.last[1] and now > self.last[0]:
-                metrics["tokens_per_s"] = (seen - self.last[1]) / (now - self.last[0])
-            self.last = (now, seen)
-            stamp = int(now * 1000)
-            client.log_batch(run_id, metrics=[Metric(k, v, stamp, state.global_step)
-                                              for k, v in metrics.items() if math.isfinite(v)])
-
-    return MlflowLogger()
+    return ProgressLog()
 
 
-def loss_curve_png(client, run_id: str, path: Path) -> Path:
-    import matplotlib
+# --- data -----------------------------------------------------------------------------------------
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    history = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([m.step for m in history], [m.value for m in history], marker=".")
-    ax.set(xlabel="optimizer step", ylabel="train loss (assistant tokens)", title="loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+@dataclass
+class TokenizedData:
+    """The train split of a dataset version as token rows for one preset (input_ids,
+    assistant_masks, decision_masks, …: what the trainer consumes), with the counts and rendered
+    examples of the tokenization. `save`/`load` keep it as a directory (tasks/preprocess.py caches
+    it in the store, so a flow tokenizes once per preset and dataset version)."""
+
+    preset: ModelPreset
+    version: str  # the dataset version
+    max_length: int
+    rows: dict[str, list]
+    summary: PreprocessSummary
+    too_long: int  # conversations left out: their first exchange alone exceeds max_length
+    examples: list[str]
+    labelled_tokens: int
+
+    def save(self, path: str | Path) -> Path:
+        from datasets import Dataset
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        Dataset.from_dict(self.rows).save_to_disk(str(path / "rows"))
+        (path / "examples.txt").write_text(EXAMPLES_LEGEND + "\n\n".join(self.examples) + "\n", encoding="utf-8")
+        meta = {"preset": self.preset.model_dump(), "version": self.version, "max_length": self.max_length,
+                "summary": asdict(self.summary), "too_long": self.too_long, "examples": self.examples,
+                "labelled_tokens": self.labelled_tokens}
+        (path / "tokenized.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))  # last: complete
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> TokenizedData:
+        from datasets import load_from_disk
+
+        path = Path(path)
+        meta = json.loads((path / "tokenized.json").read_text())
+        return cls(ModelPreset.from_stored(meta["preset"]), meta["version"], meta["max_length"],
+                   load_from_disk(str(path / "rows")).to_dict(), PreprocessSummary(**meta["summary"]),
+                   meta["too_long"], meta["examples"], meta["labelled_tokens"])
+
+
+def tokenize_train_split(preset: ModelPreset, ds, version: str, max_length: int | None = None) -> TokenizedData:
+    """The train split of `ds` (a DatasetDict of dataset version `version`) as token rows with
+    exact assistant masks; refused (TrainingGuardError) when nothing is labelled."""
+    from chimein import preprocess
+    from chimein.dataset import split_conversations
+
+    tokenizer = load_tokenizer(preset)
+    max_length = max_length or preset.max_length
+    summary = PreprocessSummary(preset.name, version, "", max_length)
+    rows, too_long, examples = preprocess.tokenize_conversations(
+        split_conversations(ds["train"]), range(1, len(ds["train"]) + 1), f"{version}:train",
+        preset, tokenizer, summary)
+    return TokenizedData(preset, version, max_length, rows, summary, len(too_long), examples,
+                         check_labelled_tokens(rows))
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -416,121 +418,219 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbacks=(),
-          parent_run_id: str | None = None) -> TrainResult:
-    """Train one adapter; see the module docstring. Reruns with resume=True continue the same
-    MLflow run from the last checkpoint in OUTPUT_DIR/RUN_NAME/."""
-    import mlflow
-    import torch
-    from datasets import Dataset, disable_progress_bars
-    from mlflow import MlflowClient
+          parent_run_id: str | None = None, data: TokenizedData | None = None,
+          tags: dict[str, str] | None = None) -> TrainResult:
+    """Train one adapter, in the steps of the module docstring. Reruns with resume=True continue
+    the same MLflow run from the last checkpoint in OUTPUT_DIR/RUN_NAME/. `parent_run_id`: a
+    comparison's run, whose experiment the run joins. `data`: the train split already tokenized
+    for this preset, dataset version and max length (else it is tokenized here). `tags`: more
+    run tags (the Prefect flow run's link and source, tasks.model.flow_run_tags)."""
+    from datasets import disable_progress_bars
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from chimein.dataset import resolve_dataset, split_conversations
-    from chimein.preprocess import EXAMPLES_LEGEND, PreprocessSummary, tokenize_conversations
 
     disable_progress_bars()
-    # config → data
-    preset = load_preset(cfg.model)
-    tokenizer = load_tokenizer(preset)
-    ds, version = resolve_dataset(cfg.dataset)
-    max_length = cfg.max_length or preset.max_length
-    summary = PreprocessSummary(preset.name, version, "", max_length)
-    rows, too_long, examples = tokenize_conversations(
-        split_conversations(ds["train"]), range(1, len(ds["train"]) + 1), f"{version}:train",
-        preset, tokenizer, summary)
-    labelled = check_labelled_tokens(rows)
-    weighted = cfg.loss.decision_weight != 1.0
-    columns = ("input_ids", "assistant_masks") + (("decision_masks",) if weighted else ())
-    train_ds = Dataset.from_dict({k: rows[k] for k in columns})
+    # 1. data
+    preset, ds, data = prepare_data(cfg, data)
+    # 2. run: a new one, or the interrupted one from its last checkpoint; none if it finished
+    plan = plan_run(cfg, preset, data.version, resume)
+    if plan.finished is not None:
+        return plan.finished
+    client = tracking.client()
+    with start_or_resume_run(client, cfg, data, ds, plan, parent_run_id, tags) as run:
+        run_id = run.info.run_id
+        # 3. model (seeded first: LoRA's A matrices are initialised at random)
+        set_seed(cfg.trainer.seed)
+        model, tokenizer = load_model(cfg, preset)
+        # 4. train
+        args = sft_args(cfg, plan.out_dir, data.max_length, plan.dtype, plan.device, progress)
+        trainer = build_trainer(cfg, model, tokenizer, train_dataset(cfg, data), args, plan.dtype, callbacks=[
+            tracking.mlflow_logger(client, run_id),
+            loss_guard(cfg.trainer.collapse_patience, str(plan.dtype)), *callbacks])
+        result = trainer.train(resume_from_checkpoint=plan.checkpoint)
+        # 5. adapter, with its chattiness threshold
+        chattiness = save_and_calibrate(cfg, trainer, tokenizer, preset, ds, data.version, plan.out_dir)
+        # 6. publish: registered model, artifacts, chimein.json
+        registered = register_and_log(client, run_id, cfg, trainer, tokenizer, data, plan, chattiness,
+                                      result.training_loss)
+    return TrainResult(run_id, plan.name, plan.out_dir / "adapter", data.version, trainer.state.global_step,
+                       result.training_loss, data.labelled_tokens, plan.checkpoint, tracking_uri(),
+                       registered, chattiness=chattiness)
 
-    # one run per (preset, data, settings): a changed setting is a new run, not a resume
+
+def prepare_data(cfg: TrainConfig, data: TokenizedData | None = None):
+    """(preset, DatasetDict, TokenizedData): the dataset version (a JSONL path is built and
+    published locally first) and its train split as token rows, `data` if given and made for
+    this preset, version and max length."""
+    from chimein.dataset import resolve_dataset
+
+    preset = load_preset(cfg.model)
+    ds, version = resolve_dataset(cfg.dataset)
+    if data is None:
+        return preset, ds, tokenize_train_split(preset, ds, version, cfg.max_length)
+    wanted = (preset.model_dump(), version, cfg.max_length or preset.max_length)
+    if (data.preset.model_dump(), data.version, data.max_length) != wanted:
+        raise ValueError(f"the tokenized rows are for {data.preset.name} on {data.version} at "
+                         f"{data.max_length} tokens; this run trains {preset.name} on {version} at "
+                         f"{wanted[2]}: tokenize it again (tasks.preprocess.tokenize_dataset)")
+    return preset, ds, data
+
+
+@dataclass
+class RunPlan:
+    name: str  # PRESET--VERSION--SETTINGS_HASH: the MLflow run name and the output directory's
+    out_dir: Path
+    checkpoint: str | None  # resume from it
+    mlflow_run_id: str | None  # the interrupted run, when resuming
+    dtype: object  # compute dtype
+    device: str
+    finished: TrainResult | None = None  # resume found the run finished
+
+
+def plan_run(cfg: TrainConfig, preset: ModelPreset, version: str, resume: bool) -> RunPlan:
+    """One run per (preset, data, settings): a changed setting is a new run, not a resume."""
+    import torch
+    from transformers.trainer_utils import get_last_checkpoint
+
     settings = json.dumps(cfg.model_dump(exclude={"output_dir", "dataset", "model"}), sort_keys=True)
-    run_name = f"{preset.name}--{version}--{hashlib.sha256(settings.encode()).hexdigest()[:6]}"
-    out_dir = Path(cfg.output_dir) / run_name
-    last_ckpt = get_last_checkpoint(str(out_dir)) if resume and out_dir.is_dir() else None
-    run_id_file = out_dir / "mlflow_run_id"
+    name = f"{preset.name}--{version}--{hashlib.sha256(settings.encode()).hexdigest()[:6]}"
+    out_dir = Path(cfg.output_dir) / name
     if not resume and out_dir.exists():
         raise FileExistsError(f"{out_dir} exists from an earlier run; pass --resume to continue it "
                               "(same MLflow run, from its last checkpoint) or remove the directory")
+    run_id_file = out_dir / "mlflow_run_id"
+    plan = RunPlan(name, out_dir, get_last_checkpoint(str(out_dir)) if resume and out_dir.is_dir() else None,
+                   run_id_file.read_text().strip() if resume and run_id_file.is_file() else None,
+                   resolve_compute_dtype(cfg.quantization.compute_dtype),
+                   "cuda" if torch.cuda.is_available() else "cpu")
     done = out_dir / "adapter" / "chimein.json"
     if resume and done.is_file():  # the adapter is written last: this run already finished
-        meta = json.loads(done.read_text())
-        return TrainResult(meta["mlflow_run_id"], run_name, done.parent, version,
-                           meta["hyperparameters"]["steps"], meta["metrics"]["final_train_loss"],
-                           meta["metrics"]["labelled_tokens"], None, tracking_uri(),
-                           meta["registered"], finished_earlier=True, chattiness=meta.get("chattiness"))
+        meta = adapter_meta(done.parent)
+        plan.finished = TrainResult(
+            meta["mlflow_run_id"], name, done.parent, version, meta["hyperparameters"]["steps"],
+            meta["metrics"]["train_loss"], meta["metrics"]["labelled_tokens"], None, tracking_uri(),
+            meta["registered"], finished_earlier=True, chattiness=meta.get("chattiness"))
     out_dir.mkdir(parents=True, exist_ok=True)
+    return plan
 
-    # MLflow run: a new one, or the interrupted one when resuming
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # it would call home
-    mlflow.set_tracking_uri(tracking_uri())
-    client = MlflowClient()
-    experiment = mlflow.set_experiment(cfg.experiment)
-    run_id = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
-    dtype = resolve_compute_dtype(cfg.quantization.compute_dtype)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
-                          experiment_id=experiment.experiment_id, log_system_metrics=True) as run:
-        run_id = run.info.run_id
-        run_id_file.write_text(run_id)
-        if last_ckpt is None:  # params are immutable: log them once, at the start
-            mlflow.log_params(flat_params(cfg, preset) | {"data.version": version,
-                                                          "data.max_length": str(max_length)})
-            if parent_run_id:  # a child of a comparison run
-                mlflow.set_tag("mlflow.parentRunId", parent_run_id)
-            mlflow.set_tags({"chimein.family": preset.family, "chimein.preset": preset.name,
-                             "chimein.base_model": preset.hub_id or preset.asset,
-                             "chimein.dataset_version": version, "chimein.git_commit": git_commit(),
-                             "chimein.device": device, "chimein.compute_dtype": str(dtype).removeprefix("torch.")})
-            mlflow.log_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), "config/train.yaml")
-            mlflow.log_text(yaml.safe_dump(preset.model_dump(), sort_keys=False), "config/model.yaml")
-            mlflow.log_text(EXAMPLES_LEGEND + "\n\n".join(examples) + "\n", "examples.txt")
-            mlflow.log_metrics({"data.labelled_tokens": labelled, "data.rows": summary.conversations,
-                                "data.truncated": summary.truncated, "data.too_long": len(too_long)})
 
-        # model (seeded first: LoRA's A matrices are initialised at random)
-        set_seed(cfg.trainer.seed)
-        model = load_base_model(preset, cfg.quantization, tokenizer, cfg.attn_implementation)
-        model = apply_lora(model, preset, cfg.lora, cfg.trainer.gradient_checkpointing)
+def start_or_resume_run(client, cfg: TrainConfig, data: TokenizedData, ds, plan: RunPlan,
+                        parent_run_id: str | None, tags: dict[str, str] | None):
+    """The MLflow run, active (a context manager): a new one with everything known before
+    training (params, tags, the dataset as input, config and examples), or the interrupted one."""
+    import mlflow
 
-        # train
-        t = cfg.trainer
-        args = sft_args(cfg, out_dir, max_length, dtype, device, progress)
-        trainer = build_trainer(cfg, model, tokenizer, train_ds, args, dtype,
-                                callbacks=[mlflow_logger(client, run_id),
-                                           loss_guard(t.collapse_patience, str(dtype)), *callbacks])
-        adapter_dtype = trainer.adapter_dtype
-        result = trainer.train(resume_from_checkpoint=last_ckpt)
+    preset, version = data.preset, data.version
+    tags = tracking.source_tags("chimein train") | (tags or {})
+    counts = {split: len(ds[split]) for split in ("train", "validation", "test") if split in ds}
+    by = f"[{tags['prefect.flow_run_name']}]({tags['prefect.flow_run_url']})" \
+        if "prefect.flow_run_url" in tags else f"`{tags['mlflow.source.name']}`"
+    note = (f"QLoRA adapter of **{preset.name}** (`{preset.hub_id or preset.asset}`) on dataset "
+            f"**{version}** ({' / '.join(f'{n} {k}' for k, n in counts.items())} conversations; "
+            f"{data.labelled_tokens} labelled tokens in {data.summary.conversations} rows of at most "
+            f"{data.max_length} tokens). Started by {by}.")
+    experiment = (client.get_run(parent_run_id).info.experiment_id if parent_run_id
+                  else tracking.experiment_id(client, cfg.experiment))
+    run = mlflow.start_run(run_id=plan.mlflow_run_id, run_name=None if plan.mlflow_run_id else plan.name,
+                           experiment_id=experiment, parent_run_id=parent_run_id, description=note,
+                           tags=tags, log_system_metrics=True)
+    try:
+        log_run_start(client, run.info.run_id, cfg, data, plan, counts)
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    return run
 
-        # artifacts; chimein.json goes last: its presence marks the run as finished
-        adapter_dir = out_dir / "adapter"
-        trainer.model.save_pretrained(adapter_dir)
-        tokenizer.save_pretrained(adapter_dir)
-        chattiness = calibrate_chattiness(trainer.model, tokenizer, preset, ds, version,
-                                          cfg.calibration.max_false_interruption_rate) \
-            if cfg.calibration.enabled else {"threshold": 0.5, "source": "default (calibration off)"}
-        mlflow.log_metrics({f"calibration.{k}": v for k, v in chattiness.items() if isinstance(v, (int, float))})
-        mlflow.set_tag("chimein.chattiness_source", chattiness["source"])
-        registered = register_adapter(trainer.model, tokenizer, preset, run_id)
-        mlflow.log_metric("final_train_loss", result.training_loss)
-        mlflow.log_artifact(str(loss_curve_png(client, run_id, out_dir / "loss_curve.png")))
-        mlflow.log_artifacts(str(adapter_dir), "adapter")
-        hyper = {"lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha, "lora.dropout": cfg.lora.dropout,
-                 "quantization": cfg.quantization.quant_type if cfg.quantization.load_in_4bit else "none",
-                 "compute_dtype": str(dtype).removeprefix("torch."), "learning_rate": t.learning_rate,
-                 "batch": f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps}",
-                 "steps": trainer.state.global_step, "max_length": max_length}
-        done.write_text(json.dumps(
-            {"name": run_name, "preset": preset.model_dump(), "dataset_version": version,
-             "mlflow_run_id": run_id, "registered": registered, "hyperparameters": hyper,
-             "adapter_dtype": str(adapter_dtype).removeprefix("torch."), "chattiness": chattiness,
-             "metrics": {"final_train_loss": result.training_loss, "labelled_tokens": labelled}},
-            indent=2))
-        mlflow.log_artifact(str(done), "adapter")
-    return TrainResult(run_id, run_name, adapter_dir, version, trainer.state.global_step,
-                       result.training_loss, labelled, last_ckpt, tracking_uri(), registered,
-                       chattiness=chattiness)
+
+def log_run_start(client, run_id: str, cfg: TrainConfig, data: TokenizedData, plan: RunPlan,
+                  counts: dict[str, int]) -> None:
+    """Everything known before training, once per run: params, tags, the dataset as the run's
+    input, the config, examples and data.* counts."""
+    import mlflow
+
+    from chimein.dataset import store_dir
+
+    preset, version = data.preset, data.version
+    (plan.out_dir / "mlflow_run_id").write_text(run_id)
+    if plan.checkpoint is None:  # params are immutable: log them once, at the start
+        mlflow.log_params(flat_params(cfg, preset, version, data.max_length))
+        mlflow.set_tags({"chimein.family": preset.family, "chimein.preset": preset.name,
+                         "chimein.base_model": preset.hub_id or preset.asset,
+                         "chimein.dataset_version": version, "chimein.git_commit": tracking.git_commit(),
+                         "chimein.device": plan.device,
+                         "chimein.compute_dtype": str(plan.dtype).removeprefix("torch.")})
+        source = cfg.dataset if cfg.dataset.startswith("hub:") else str(store_dir() / "datasets" / version)
+        tracking.log_dataset(client, run_id, version, source, counts)
+        mlflow.log_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), "config/train.yaml")
+        mlflow.log_text(yaml.safe_dump(preset.model_dump(), sort_keys=False), "config/model.yaml")
+        mlflow.log_text(EXAMPLES_LEGEND + "\n\n".join(data.examples) + "\n", "examples.txt")
+        mlflow.log_metrics({"data.labelled_tokens": data.labelled_tokens, "data.rows": data.summary.conversations,
+                            "data.truncated": data.summary.truncated, "data.too_long": data.too_long})
+
+
+def load_model(cfg: TrainConfig, preset: ModelPreset):
+    """(model with LoRA, tokenizer)."""
+    tokenizer = load_tokenizer(preset)
+    model = load_base_model(preset, cfg.quantization, tokenizer, cfg.attn_implementation)
+    return apply_lora(model, preset, cfg.lora, cfg.trainer.gradient_checkpointing), tokenizer
+
+
+def train_dataset(cfg: TrainConfig, data: TokenizedData):
+    """The columns the trainer reads: decision_masks only for the decision-weighted loss."""
+    from datasets import Dataset
+
+    weighted = cfg.loss.decision_weight != 1.0
+    columns = ("input_ids", "assistant_masks") + (("decision_masks",) if weighted else ())
+    return Dataset.from_dict({k: data.rows[k] for k in columns})
+
+
+def save_and_calibrate(cfg: TrainConfig, trainer, tokenizer, preset: ModelPreset, ds, version: str,
+                       out_dir: Path) -> dict:
+    """Save the adapter and tokenizer to OUT_DIR/adapter; the chattiness threshold (logged as
+    calibration.*), calibrated on the validation split unless calibration is off."""
+    import mlflow
+
+    trainer.model.save_pretrained(out_dir / "adapter")
+    tokenizer.save_pretrained(out_dir / "adapter")
+    chattiness = calibrate_chattiness(trainer.model, tokenizer, preset, ds, version,
+                                      cfg.calibration.max_false_interruption_rate) \
+        if cfg.calibration.enabled else {"threshold": DEFAULT_CHATTINESS, "source": "default (calibration off)"}
+    mlflow.log_metrics({f"calibration.{k}": v for k, v in chattiness.items() if isinstance(v, (int, float))})
+    mlflow.set_tag("chimein.chattiness_source", chattiness["source"])
+    return chattiness
+
+
+def register_and_log(client, run_id: str, cfg: TrainConfig, trainer, tokenizer, data: TokenizedData,
+                     plan: RunPlan, chattiness: dict, train_loss: float) -> str | None:
+    """The registered model version (described and tagged), the run's artifacts (loss curve,
+    adapter) and chimein.json, written last: its presence marks the run as finished."""
+    import mlflow
+
+    preset, t, steps = data.preset, cfg.trainer, trainer.state.global_step
+    registered = tracking.register_adapter(
+        trainer.model, tokenizer, preset, run_id,
+        tags={"chimein.preset": preset.name, "chimein.dataset_version": data.version,
+              "chimein.base_model": preset.hub_id or preset.asset, "chimein.run_name": plan.name,
+              "chimein.chattiness": f"{chattiness['threshold']:.3f}", "train_loss": f"{train_loss:.4f}"},
+        description=(f"{preset.name} adapter trained on {data.version}: {steps} steps, train loss "
+                     f"{train_loss:.3f}; chattiness {chattiness['threshold']:.3f} ({chattiness['source']}). "
+                     f"Run {plan.name}."))
+    mlflow.log_artifact(str(tracking.loss_plot(client, {preset.name: run_id}, plan.out_dir / "loss_curve.png")))
+    adapter_dir = plan.out_dir / "adapter"
+    mlflow.log_artifacts(str(adapter_dir), "adapter")
+    hyper = {"lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha, "lora.dropout": cfg.lora.dropout,
+             "quantization": cfg.quantization.quant_type if cfg.quantization.load_in_4bit else "none",
+             "compute_dtype": str(plan.dtype).removeprefix("torch."), "learning_rate": t.learning_rate,
+             "batch": f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps}",
+             "steps": steps, "max_length": data.max_length}
+    done = adapter_dir / "chimein.json"
+    done.write_text(json.dumps(
+        {"name": plan.name, "preset": preset.model_dump(), "dataset_version": data.version,
+         "mlflow_run_id": run_id, "registered": registered, "hyperparameters": hyper,
+         "adapter_dtype": str(trainer.adapter_dtype).removeprefix("torch."), "chattiness": chattiness,
+         "metrics": {"train_loss": train_loss, "labelled_tokens": data.labelled_tokens}},
+        indent=2))
+    mlflow.log_artifact(str(done), "adapter")
+    return registered
 
 
 def calibrate_chattiness(model, tokenizer, preset: ModelPreset, ds, version: str,
@@ -544,45 +644,15 @@ def calibrate_chattiness(model, tokenizer, preset: ModelPreset, ds, version: str
 
     convs = split_conversations(ds["validation"]) if "validation" in ds else []
     if not convs:
-        return {"threshold": 0.5, "source": f"default ({version} has no validation split)"}
+        return {"threshold": DEFAULT_CHATTINESS, "source": f"default ({version} has no validation split)"}
     model.config.use_cache = True
     records = evaluate(GroupChatAssistant(model, tokenizer, preset), convs, replies=False)
     labels = [r.label for r in records]
     if len(set(labels)) < 2:
-        return {"threshold": 0.5, "source": f"default ({version}:validation has one class only)"}
+        return {"threshold": DEFAULT_CHATTINESS, "source": f"default ({version}:validation has one class only)"}
     threshold, m = calibrate_threshold(labels, [r.p_speak for r in records], max_fir)
     bound = f", false interruptions <= {max_fir:g}" if max_fir is not None else ""
     return {"threshold": threshold, "source": f"calibrated on {version}:validation{bound}",
             "decisions": len(records), "balanced_accuracy": m["balanced_accuracy"],
             "missed_intervention_rate": m["missed_intervention_rate"],
             "false_interruption_rate": m["false_interruption_rate"]}
-
-
-def register_adapter(model, tokenizer, preset: ModelPreset, run_id: str) -> str | None:
-    """Log the adapter as an MLflow transformers/PEFT model that references its base, and register
-    it as `chimein-PRESET`. Returns "NAME/VERSION", or None (with a tag saying why) if this MLflow
-    cannot log it; the adapter is in the run's artifacts either way."""
-    import logging
-
-    import mlflow
-    import peft
-    import torch
-    import transformers
-
-    base = model_source(preset, need_weights=True)
-    try:
-        info = mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
-            task="text-generation",
-            # a local base must be named, else MLflow saves the base with LoRA layers injected
-            base_model_path=base if Path(base).is_dir() else None,
-            # pinned here: MLflow's inferred requirements add torchvision, which is not installed
-            pip_requirements=[f"transformers=={transformers.__version__}", f"peft=={peft.__version__}",
-                              f"torch=={torch.__version__.split('+')[0]}"],
-            registered_model_name=f"chimein-{preset.name}")
-    except Exception as e:  # noqa: BLE001 — MLflow's flavor support trails transformers releases
-        logging.getLogger(__name__).warning("MLflow could not log the PEFT model (%s); the adapter "
-                                            "is in the run's artifacts under adapter/", e)
-        mlflow.MlflowClient().set_tag(run_id, "chimein.registered", f"no: {type(e).__name__}: {e}"[:500])
-        return None
-    return f"chimein-{preset.name}/{info.registered_model_version}"

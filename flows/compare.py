@@ -1,5 +1,5 @@
 """Compare: retrain several model presets on the same dataset version, as child MLflow runs of one
-parent run, and publish a comparison table and an overlaid loss plot.
+parent run (all in the parent's experiment), and publish a comparison table and an overlaid loss plot.
 
     .venv/bin/python flows/compare.py      # the three 7B presets: run it on a GPU work pool
     prefect deployment run compare/compare-7b --params '{"params": {"presets": ["tiny-chatml", "tiny-llama-2"]}}'
@@ -13,72 +13,74 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, Field
 
-from chimein.training import tracking_uri
+from chimein import tracking
+from chimein.evaluation import HEADLINE_METRICS
+from chimein.presets import PresetName, check_hardware, load_preset
 from flows.retrain import RetrainParams, retrain
-
-KEY_METRICS = ["final_train_loss", "balanced_accuracy", "f1", "macro_f1", "missed_intervention_rate",
-               "false_interruption_rate", "format_compliance"]
+from tasks.model import flow_run_tags, link_mlflow_run
 
 
 class CompareParams(BaseModel):
-    presets: list[str] = Field(["zephyr-7b-beta", "llama-2-7b-chat", "openchat-3.5-0106"],
-                               description="Model presets to train on the same data (7B ones need a GPU).")
+    presets: list[PresetName] = Field(["zephyr-7b-beta", "llama-2-7b-chat", "openchat-3.5-0106"],
+                                      description="Model presets to train on the same data (7B ones need a GPU).")
     retrain: RetrainParams = Field(RetrainParams(train_config=None),
                                    description="Shared retrain parameters; preset is set per child.")
-    experiment: str = "chimein"
+    experiment: str = Field(tracking.DEFAULT_EXPERIMENT,
+                            description="MLflow experiment of the parent run; the children join it.")
 
 
-def loss_overlay(client, runs: dict[str, str], path: Path) -> Path:
-    import matplotlib
+def run_name() -> str:
+    """What runs: e.g. `tiny-chatml+tiny-llama-2--2026-11-01` (the presets, the day it runs)."""
+    from prefect.runtime import flow_run
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for preset, run_id in runs.items():
-        hist = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
-        ax.plot([m.step for m in hist], [m.value for m in hist], marker=".", label=preset)
-    ax.set(xlabel="optimizer step", ylabel="train loss (assistant tokens)", title="loss by preset")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    p = CompareParams.model_validate(flow_run.parameters.get("params", {}))
+    return f"{'+'.join(p.presets)}--{flow_run.scheduled_start_time.date()}"
 
 
-@flow(name="compare")
+@flow(name="compare", flow_run_name=run_name)
 def compare(params: CompareParams = CompareParams()) -> list[dict]:
-    import mlflow
+    log = get_run_logger()
 
-    # one parent run; every preset's training is a child run of it
-    client = mlflow.MlflowClient(tracking_uri())
-    experiment = client.get_experiment_by_name(params.experiment) or \
-        client.get_experiment(client.create_experiment(params.experiment))
-    parent = client.create_run(experiment.experiment_id,
-                               run_name=f"compare--{'+'.join(params.presets)}")
-    rows, runs = [], {}
+    # hardware: every preset is checked before the first one trains (a 7B one needs a GPU worker)
     for preset in params.presets:
-        summary = retrain(params.retrain.model_copy(update={"preset": preset}),
-                          parent_run_id=parent.info.run_id)
-        runs[preset] = summary["run_id"]
-        # the shipped benchmark when it was scored (comparable across presets), else the held-out split
-        scored = summary["benchmark"] or summary["heldout"]
-        rows.append({"preset": preset, "run_id": summary["run_id"], "dataset": summary["dataset"],
-                     "evaluated_on": summary["benchmark_fingerprint"] or "held-out split",
-                     "final_train_loss": summary["final_train_loss"],
-                     **{k: scored.get(k) for k in KEY_METRICS[1:]}})
+        check_hardware(load_preset(preset), params.retrain.allow_cpu)
 
-    # the comparison, for people: a Prefect artifact and the parent run's artifacts
-    create_table_artifact(key="comparison", table=rows, description="presets on one dataset version")
-    out = Path("outputs/compare") / parent.info.run_id
-    out.mkdir(parents=True, exist_ok=True)
-    client.log_artifact(parent.info.run_id, str(loss_overlay(client, runs, out / "loss_by_preset.png")))
-    client.log_dict(parent.info.run_id, {"runs": rows}, "comparison.json")
-    client.set_terminated(parent.info.run_id)
+    # one parent run; every preset's training is a child run of it, in its experiment
+    client = tracking.client()
+    parent = client.create_run(
+        tracking.experiment_id(client, params.experiment), run_name=f"compare--{'+'.join(params.presets)}",
+        tags=flow_run_tags() | {tracking.NOTE: f"Comparison of {', '.join(params.presets)} trained on one "
+                                "dataset version: the child runs, `comparison.json` and `loss_by_preset.png`."})
+    parent_id = parent.info.run_id
+    link_mlflow_run(parent_id, "the comparison's MLflow run")
+    try:
+        rows, runs = [], {}
+        for preset in params.presets:
+            summary = retrain(params.retrain.model_copy(update={"preset": preset}), parent_run_id=parent_id)
+            runs[preset] = summary["run_id"]
+            # the shipped benchmark when it was scored (comparable across presets), else the held-out split
+            scored = summary["benchmark"] or summary["heldout"]
+            rows.append({"preset": preset, "run_id": summary["run_id"], "dataset": summary["dataset"],
+                         "evaluated_on": summary["benchmark_fingerprint"] or "held-out split",
+                         "train_loss": summary["train_loss"],
+                         **{k: scored.get(k) for k in HEADLINE_METRICS}})
+
+        # the comparison, for people: a Prefect artifact and the parent run's artifacts
+        create_table_artifact(key="comparison", description="presets on one dataset version", table=[
+            {k.replace("_", " "): f"{v:.3f}" if isinstance(v, float) else v for k, v in r.items()} for r in rows])
+        out = Path("outputs/compare") / parent_id
+        out.mkdir(parents=True, exist_ok=True)
+        client.log_artifact(parent_id, str(tracking.loss_plot(client, runs, out / "loss_by_preset.png",
+                                                              "loss by preset")))
+        client.log_dict(parent_id, {"runs": rows}, "comparison.json")
+    except BaseException:
+        client.set_terminated(parent_id, "FAILED")
+        raise
+    client.set_terminated(parent_id)
     for r in rows:
-        get_run_logger().info(f"{r['preset']:<24} loss {r['final_train_loss']:.3f}  balanced accuracy "
-                              f"{r['balanced_accuracy']:.3f} ({r['evaluated_on']})")
+        log.info(f"{r['preset']:<24} loss {r['train_loss']:.3f}  balanced accuracy "
+                 f"{r['balanced_accuracy']:.3f} ({r['evaluated_on']})")
+    log.info(tracking.ui_hint(parent_id))
     return rows
 
 

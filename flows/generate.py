@@ -1,25 +1,46 @@
 """Generate: synthetic conversations from a source, published as a versioned dataset — no training.
 
     .venv/bin/python flows/generate.py
-    prefect deployment run generate/generate --params '{"generation": {"source": "openai", "count": 500}}'
+    prefect deployment run generate/generate --params '{"params": {"generation": {"source": "openai", "count": 500}}}'
 """
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
+from pydantic import BaseModel, ConfigDict, Field
 
-from chimein.generation import load_generation_config
-from flows.retrain import GenerationOptions
+from chimein.dataset import PublishTarget
+from chimein.generation import GenerationSettings, load_generation_config
 from tasks.data import build_and_publish_dataset, generate_conversations
 
 
-@flow(name="generate")
-def generate(generation: GenerationOptions = GenerationOptions(), publish_dataset: str = "local",
-             data_dir: str = "outputs/generated", refresh: bool = False) -> str:
-    config = load_generation_config(**generation.model_dump())
-    conversations = generate_conversations.with_options(refresh_cache=refresh)(
-        config, data_dir, fresh=refresh)
-    dataset = build_and_publish_dataset.with_options(refresh_cache=refresh)(conversations, publish_dataset)
+class GenerateParams(BaseModel):
+    """New conversations into a new dataset version (the retrain flow shares these fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    generation: GenerationSettings = GenerationSettings()
+    publish_dataset: PublishTarget = Field("local", description="Dataset target: local (the store) or "
+                                           "hub:ORG/NAME.")
+    data_dir: str = Field("outputs/generated", description="Where generated conversations go.")
+    refresh: bool = Field(False, description="Recompute generation (every API call again) and the dataset.")
+
+
+def run_name() -> str:
+    """What runs: e.g. `openai-500--2026-11-01`."""
+    from prefect.runtime import flow_run
+
+    g = GenerateParams.model_validate(flow_run.parameters.get("params", {})).generation
+    return f"{g.source}-{g.count}--{flow_run.scheduled_start_time.date()}"
+
+
+@flow(name="generate", flow_run_name=run_name)
+def generate(params: GenerateParams = GenerateParams()) -> str:
+    config = load_generation_config(**params.generation.model_dump())
+    conversations = generate_conversations.with_options(refresh_cache=params.refresh)(
+        config, params.data_dir, fresh=params.refresh)
+    dataset = build_and_publish_dataset.with_options(refresh_cache=params.refresh)(
+        conversations, params.publish_dataset)
     get_run_logger().info(f"{conversations} → {dataset}")
     return dataset
 

@@ -1,16 +1,16 @@
-"""Retrain: generate conversations → versioned dataset → QLoRA train (the chattiness threshold
-calibrated on the validation split) → evaluate on the shipped benchmark and on the held-out split
-→ publish the adapter → move the `champion` alias only if the new model beats it on the same
-benchmark, in full.
+"""Retrain: generate conversations → versioned dataset → token rows for the preset → QLoRA train
+(the chattiness threshold calibrated on the validation split) → evaluate on the shipped benchmark
+and on the held-out split → publish the adapter → move the `champion` alias only if the new model
+beats it on the same benchmark, in full.
 
     .venv/bin/python flows/retrain.py            # the offline default (what `make run` does)
     prefect deploy --prefect-file infra/prefect.yaml --all   # nightly, on a GPU work pool
 
 Every parameter is a pydantic model, so the Prefect UI renders a form, and a run is reproducible
-from its parameters. Generation and the dataset are cached on their inputs and code: a rerun with
-the same parameters calls no API (`refresh: true` recomputes). The cache is kept in the store
-(store/prefect-cache, deleted with it by `make clean`), and a cached result whose file or dataset
-version is gone is made again, paying only for conversations that are gone. A nightly run
+from its parameters. Generation, the dataset and its token rows are cached on their inputs and
+code: a rerun with the same parameters calls no API (`refresh: true` recomputes). The cache is
+kept in the store (store/prefect-cache, deleted with it by `make clean`), and a cached result whose
+file or dataset version is gone is made again, paying only for conversations that are gone. A nightly run
 (`nightly: true`) derives its generation seed from the night it runs for, so every night brings
 new conversations, a new dataset version and a new training run, while a retry or re-trigger of
 the same night reuses that night's data and pays for no request twice.
@@ -19,34 +19,37 @@ the same night reuses that night's data and pays for no request twice.
 from __future__ import annotations
 
 import datetime
-from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
-from chimein.generation import load_generation_config, seed_for_date
-from chimein.paths import conf_dir
-from chimein.training import load_train_config, tracking_uri
+from chimein import tracking
+from chimein.dataset import PublishTarget
+from chimein.evaluation import HEADLINE_METRICS
+from chimein.generation import GenerationSettings, load_generation_config, seed_for_date
+from chimein.paths import train_config_path
+from chimein.presets import DEFAULT_PRESET, PresetName, check_hardware, load_preset
+from chimein.training import TrainConfig, load_train_config
+from flows.generate import GenerateParams
 from tasks.data import build_and_publish_dataset, generate_conversations
 from tasks.model import evaluate_adapter, promote_if_better, publish_adapter, train_adapter
+from tasks.preprocess import tokenize_dataset
 
-PromoteMetric = Literal["balanced_accuracy", "macro_f1", "f1", "precision", "recall",
-                        "missed_intervention_rate", "false_interruption_rate"]
-
-
-class GenerationOptions(BaseModel):
-    source: str = Field("offline", description="offline | openai | replicate")
-    count: int = Field(300, gt=0, description="Conversations to generate.")
-    seed: int = Field(0, description="Run seed: same seed, same requests.")
-    model: str | None = Field(None, description="Generation model (default per source).")
-    base_url: str | None = Field(None, description="OpenAI/Replicate-compatible API base URL.")
+PromoteMetric = Literal[HEADLINE_METRICS]
+_data = GenerateParams.model_fields  # the data half of the plan: the generate flow's fields
 
 
 class RetrainParams(BaseModel):
-    preset: str = Field("smollm2-135m-instruct", description="Model preset (conf/models/).")
-    generation: GenerationOptions = GenerationOptions()
+    model_config = ConfigDict(extra="forbid")
+
+    preset: PresetName = Field(DEFAULT_PRESET, description="Model preset (conf/models/).")
+    allow_cpu: bool = Field(False, description="Train a preset that needs a GPU (the 7B ones) on a "
+                            "machine without CUDA anyway. Off: such a run stops at once, naming the "
+                            "work pool to run it on.")
+    generation: GenerationSettings = _data["generation"]
     nightly: bool = Field(False, description="New data each night: the generation seed is derived "
                           "from `night` (a new dataset version and training run per night; the "
                           "same night again reuses its data).")
@@ -64,17 +67,11 @@ class RetrainParams(BaseModel):
     chattiness: float | None = Field(
         None, description="Speak when p_speak >= this. None: the threshold calibrated with the adapter.")
     promote_metric: PromoteMetric = Field("balanced_accuracy", description="Benchmark metric that decides the champion.")
-    publish: str = Field("local", description="Adapter target: local or hub:ORG/NAME.")
-    publish_dataset: str = Field("local", description="Dataset target: local or hub:ORG/NAME.")
-    data_dir: str = Field("outputs/generated", description="Where generated conversations go.")
-    output_dir: str = Field("outputs/train", description="Training checkpoints and adapters.")
-    refresh: bool = Field(False, description="Recompute generation (every API call again) and the dataset.")
-
-
-def train_config_path(name: str | None) -> str | None:
-    if name is None or Path(name).suffix in (".yaml", ".yml"):
-        return name
-    return str(conf_dir() / "train" / f"{name}.yaml")
+    publish: PublishTarget = Field("local", description="Adapter target: local (the store) or hub:ORG/NAME.")
+    publish_dataset: PublishTarget = _data["publish_dataset"]
+    data_dir: str = _data["data_dir"]
+    output_dir: str = TrainConfig.model_fields["output_dir"]
+    refresh: bool = _data["refresh"]
 
 
 def scheduled_night() -> datetime.date:
@@ -84,9 +81,23 @@ def scheduled_night() -> datetime.date:
     return flow_run.scheduled_start_time.date()
 
 
-@flow(name="retrain")
-def retrain(params: RetrainParams = RetrainParams(), parent_run_id: str | None = None) -> dict:
+def run_name() -> str:
+    """What runs: e.g. `zephyr-7b-beta--offline-300--night-2026-11-01` (a nightly run: the night it
+    trains for), `tiny-chatml--openai-10--2026-11-01` (else the day it runs)."""
+    from prefect.runtime import flow_run
+
+    p = RetrainParams.model_validate(flow_run.parameters.get("params", {}))
+    when = f"night-{p.night or scheduled_night()}" if p.nightly else str(scheduled_night())
+    return f"{p.preset}--{p.generation.source}-{p.generation.count}--{when}"
+
+
+# parent_run_id: the compare flow's MLflow parent run; internal, so no field of the Prefect form
+@flow(name="retrain", flow_run_name=run_name)
+def retrain(params: RetrainParams = RetrainParams(), parent_run_id: SkipJsonSchema[str | None] = None) -> dict:
     log = get_run_logger()  # not log_prints: libraries print to stdout inside tasks
+
+    # hardware: a preset that needs a GPU stops here on a CPU worker, before any API call or download
+    check_hardware(load_preset(params.preset), params.allow_cpu)
 
     # data: cached on inputs + code, so a rerun spends no API call; a nightly run seeds by date
     generation = params.generation.model_dump()
@@ -104,7 +115,10 @@ def retrain(params: RetrainParams = RetrainParams(), parent_run_id: str | None =
     train_config = load_train_config(train_config_path(params.train_config), model=params.preset,
                                      dataset=dataset, output_dir=params.output_dir,
                                      **{"trainer.max_steps": params.max_steps})
-    result = train_adapter(train_config, parent_run_id)
+    # preprocessing: token rows + masks for this preset and dataset version, cached on both
+    tokenized = tokenize_dataset.with_options(refresh_cache=params.refresh)(
+        load_preset(train_config.model), dataset, train_config.max_length)
+    result = train_adapter(train_config, parent_run_id, tokenized)
 
     # evaluation: the shipped benchmark decides promotion; the held-out split is a quick check
     bench = evaluate_adapter(result, "benchmark", chattiness=params.chattiness,
@@ -116,9 +130,10 @@ def retrain(params: RetrainParams = RetrainParams(), parent_run_id: str | None =
     def numbers(m):
         return {k: v for k, v in (m or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
-    summary = {"run_id": result.run_id, "run_name": result.run_name, "dataset": dataset,
+    summary = {"run_id": result.run_id, "run_url": tracking.run_url(tracking.client(), result.run_id),
+               "run_name": result.run_name, "preset": params.preset, "dataset": dataset,
                "adapter": location, "registered": result.registered, "champion": promotion,
-               "final_train_loss": result.final_loss, "benchmark": numbers(bench),
+               "train_loss": result.final_loss, "benchmark": numbers(bench),
                "benchmark_fingerprint": bench and bench["fingerprint"], "heldout": numbers(heldout)}
     create_markdown_artifact(key="retrain-summary", description="what this run trained and decided",
                              markdown=summary_markdown(summary, params.promote_metric))
@@ -130,26 +145,33 @@ def retrain(params: RetrainParams = RetrainParams(), parent_run_id: str | None =
                      f"false interruptions {m['false_interruption_rate']:.3f}")
     log.info(f"{result.run_name}: adapter {location}; champion "
              f"{'moved' if promotion['moved'] else 'not moved'}: {promotion['reason']}")
-    ui = "" if tracking_uri().startswith("http") else f" --backend-store-uri {tracking_uri()}"
-    log.info(f"open the MLflow UI: mlflow ui{ui}")
+    log.info(tracking.ui_hint(result.run_id))
     return summary
 
 
 def summary_markdown(summary: dict, metric: str) -> str:
-    keys = ["decisions", "balanced_accuracy", "f1", "missed_intervention_rate", "false_interruption_rate"]
+    """The `retrain-summary` artifact: the champion decision and why, the scores, what was made."""
+    keys = ["decisions", *HEADLINE_METRICS, "chattiness"]
 
     def cell(v):
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    lines = [f"### {summary['run_name']}", "", "| evaluation | " + " | ".join(keys) + " |",
-             "|---|" + "---|" * len(keys)]
-    for name, m in (("benchmark (bench.*)", summary["benchmark"]),
+    p = summary["champion"]
+    moved = "moved" if p["moved"] else "not moved"
+    lines = [f"### {summary['run_name']}", "", f"**champion** ({metric.replace('_', ' ')}): {moved} — {p['reason']}",
+             "", "| evaluation | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+             "|---|" + "---:|" * len(keys)]
+    for name, m in ((f"benchmark (bench.*, {summary['benchmark_fingerprint']})", summary["benchmark"]),
                     ("held-out split (heldout.*)", summary["heldout"])):
         if m:
             lines.append(f"| {name} | " + " | ".join(cell(m.get(k, "-")) for k in keys) + " |")
-    p = summary["champion"]
-    lines += ["", f"**champion** ({metric}): {'moved' if p['moved'] else 'not moved'} — {p['reason']}", "",
-              f"adapter `{summary['adapter']}`, dataset `{summary['dataset']}`, MLflow run `{summary['run_id']}`"]
+    loss = summary["train_loss"]
+    lines += ["", "| | |", "|---|---|", f"| preset | {summary['preset']} |",
+              f"| dataset | `{summary['dataset']}` |", f"| adapter | `{summary['adapter']}` |",
+              f"| registered model | {summary['registered'] or 'not registered'} |",
+              f"| train loss | {'-' if loss is None else f'{loss:.3f}'} |",
+              f"| MLflow run | [{summary['run_id']}]({summary['run_url']}) |" if summary.get("run_url")
+              else f"| MLflow run | `{summary['run_id']}` |"]
     return "\n".join(lines) + "\n"
 
 

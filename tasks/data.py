@@ -17,7 +17,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 
-from chimein.dataset import build_dataset, publish_hub, publish_local, store_dir
+from chimein.dataset import build_dataset, publish_dataset, store_dir
 from chimein.generation import ClientError, GenerationAborted, GenerationConfig, MissingAPIKey, generate
 
 # not ~/.prefect/storage, which outlives the files its records name (a Path: Prefect makes it a
@@ -104,7 +104,7 @@ def build_and_publish_dataset(data: str, publish: str = "local", test_fraction: 
                               seed: int = 0) -> str:
     """The dataset version's location (local:ds-… or hub:ORG/NAME@ds-…)."""
     ds, info = build_dataset(data, test_fraction=test_fraction, seed=seed)
-    info = publish_local(ds, info) if publish == "local" else publish_hub(ds, info, publish.removeprefix("hub:"))
+    info = publish_dataset(ds, info, publish)
     create_table_artifact(key="dataset", description=f"dataset {info.version}", table=[
         {"version": info.version, "train": info.train, "validation": info.validation, "test": info.test,
          "user_messages": info.user_turns, "speak": info.speak,

@@ -1,28 +1,59 @@
-"""Model tasks: train (a retry resumes the same MLflow run), evaluate, publish, promote."""
+"""Model tasks: train (a retry resumes the same MLflow run), evaluate, publish, promote.
+
+Each MLflow run made in a flow run links to it (`flow_run_tags`), and each training run to its
+MLflow page (the `mlflow-run` link artifact, with a tracking server)."""
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from chimein import adapters
-from chimein.training import TrainConfig, TrainResult, train, tracking_uri
+from chimein import adapters, tracking
+from chimein.assistant import DEFAULT_CHATTINESS
+from chimein.dataset import hub_repo
+from chimein.evaluation import HEADLINE_METRICS
+from chimein.training import TokenizedData, TrainConfig, TrainResult, progress_log, train
+
+
+def flow_run_tags() -> dict[str, str]:
+    """MLflow tags that link a run to the Prefect flow run it is made in, and name the flow as the
+    run's source: prefect.flow_run_id and _name always, prefect.flow_run_url when a Prefect server
+    is configured (a temporary one has no UI to link to). Empty outside a flow run."""
+    from prefect.runtime import flow_run
+    from prefect.settings import get_current_settings
+
+    if flow_run.id is None:
+        return {}
+    tags = {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name,
+            **tracking.source_tags(f"prefect flow {flow_run.flow_name}", "JOB")}
+    if ui := get_current_settings().ui_url:
+        tags["prefect.flow_run_url"] = f"{ui.rstrip('/')}/flow-runs/flow-run/{flow_run.id}"
+    return tags
+
+
+def link_mlflow_run(run_id: str, what: str = "the MLflow run") -> None:
+    """A link artifact to the run's page on the tracking server (none for a local store)."""
+    if url := tracking.run_url(tracking.client(), run_id):
+        create_link_artifact(key="mlflow-run", description=what, link=url)
 
 
 @task(retries=1, retry_delay_seconds=10)
-def train_adapter(config: TrainConfig, parent_run_id: str | None = None) -> TrainResult:
+def train_adapter(config: TrainConfig, parent_run_id: str | None = None,
+                  tokenized: str | None = None) -> TrainResult:
+    """tokenized: the train split's token rows (tasks.preprocess.tokenize_dataset), else
+    tokenized here. Progress goes to the flow run's log."""
     # resume=True: a Prefect retry continues from the last checkpoint in the same MLflow run
-    result = train(config, resume=True, progress=False, parent_run_id=parent_run_id)
+    result = train(config, resume=True, progress=False, parent_run_id=parent_run_id,
+                   data=TokenizedData.load(tokenized) if tokenized else None, tags=flow_run_tags(),
+                   callbacks=[progress_log(get_run_logger())])
     create_markdown_artifact(key="training", description="training summary", markdown=(
         f"### {result.run_name}\n\n| | |\n|---|---|\n| MLflow run | `{result.run_id}` |\n"
-        f"| steps | {result.steps} |\n| final train loss | {result.final_loss:.4f} |\n"
+        f"| steps | {result.steps} |\n| train loss | {result.final_loss:.4f} |\n"
         f"| labelled tokens | {result.labelled_tokens} |\n| registered | {result.registered} |\n"
-        f"| chattiness | {(result.chattiness or {}).get('threshold', 0.5):.3f} "
+        f"| chattiness | {(result.chattiness or {}).get('threshold', DEFAULT_CHATTINESS):.3f} "
         f"({(result.chattiness or {}).get('source', 'default')}) |\n"
         f"| tracking store | `{result.tracking_uri}` |\n"))
-    if result.tracking_uri.startswith("http"):
-        create_link_artifact(key="mlflow-run", description="the MLflow run", link=(
-            f"{result.tracking_uri}/#/experiments/0/runs/{result.run_id}"))
+    link_mlflow_run(result.run_id)
     return result
 
 
@@ -35,12 +66,11 @@ def evaluate_adapter(result: TrainResult, on: str = "benchmark", dataset: str | 
     on="benchmark": the shipped hand-written benchmark, as bench.* (decides promotion);
     on="heldout": the dataset version's held-out test split, as heldout.* (a quick check).
     chattiness None: the adapter's calibrated threshold. limit: the first N conversations only."""
-    import mlflow
-
     from chimein.assistant import GroupChatAssistant
     from chimein.benchmark import load_eval_set
     from chimein.evaluation import evaluate, report
-    from chimein.promotion import BENCH, HELDOUT, EvalStamp, log_evaluation
+    from chimein.promotion import EvalStamp
+    from chimein.tracking import BENCH, HELDOUT, log_evaluation
 
     evalset = load_eval_set("benchmark" if on == "benchmark" else dataset)
     prefix = BENCH if on == "benchmark" else HELDOUT
@@ -49,35 +79,34 @@ def evaluate_adapter(result: TrainResult, on: str = "benchmark", dataset: str | 
     bot = GroupChatAssistant.from_adapter(str(result.adapter_dir), chattiness=chattiness)
     metrics = report(evaluate(bot, convs, replies=False), with_similarity=False)["metrics"]
     stamp = EvalStamp.of(bot, fingerprint, metrics["decisions"], total)
-    log_evaluation(mlflow.MlflowClient(tracking_uri()), result.run_id, prefix, metrics, stamp)
-    keys = ["decisions", "balanced_accuracy", "f1", "missed_intervention_rate",
-            "false_interruption_rate", "precision", "recall", "macro_f1", "format_compliance"]
+    log_evaluation(tracking.client(), result.run_id, prefix, metrics, stamp)
+    keys = ["decisions", *HEADLINE_METRICS]
     create_table_artifact(
         key=f"evaluation-{on}", description=f"{prefix}.*: {fingerprint}, {stamp.decisions} of {total} "
         f"decisions, chattiness {bot.chattiness:.3f} ({bot.chattiness_source})",
-        table=[{k: round(metrics[k], 3) if isinstance(metrics[k], float) else metrics[k] for k in keys}])
+        table=[{k.replace("_", " "): f"{metrics[k]:.3f}" if isinstance(metrics[k], float) else metrics[k]
+               for k in keys}])
     return metrics | {"fingerprint": fingerprint, "complete": stamp.complete, "total_decisions": total,
                       "chattiness": bot.chattiness, "chattiness_source": bot.chattiness_source}
 
 
 @task(retries=2, retry_delay_seconds=30)
 def publish_adapter(result: TrainResult, target: str = "local") -> str:
-    if target == "local":
+    repo = hub_repo(target)
+    if repo is None:
         return adapters.publish_local(result.adapter_dir, result.run_name)
-    return adapters.publish_hub(result.adapter_dir, target.removeprefix("hub:"))
+    return adapters.publish_hub(result.adapter_dir, repo)
 
 
 @task
 def promote_if_better(result: TrainResult, metric: str, alias: str = "champion") -> dict:
     """Move `alias` to the new registered version only if it beats the holder on the same
     benchmark, both scored in full (chimein.promotion); the verdict says why either way."""
-    import mlflow
-
     from chimein.promotion import Verdict, promote
 
     if not result.registered:
         verdict = Verdict(False, "the adapter is not registered in MLflow (see the run's "
                                  "chimein.registered tag)")
     else:
-        verdict = promote(mlflow.MlflowClient(tracking_uri()), result.registered, metric, alias)
+        verdict = promote(tracking.client(), result.registered, metric, alias)
     return {"moved": verdict.move, "reason": verdict.reason}

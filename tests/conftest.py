@@ -8,7 +8,8 @@ import os
 import pytest
 
 from chimein.assets import build_asset
-from chimein.presets import load_preset, load_tokenizer
+from chimein.models import load_tokenizer
+from chimein.presets import load_preset
 
 TINY = ["tiny-zephyr", "tiny-llama-2", "tiny-openchat", "tiny-chatml"]
 

@@ -1,13 +1,18 @@
 """The runtime: one-pass decisions, forcing, incremental KV cache equal to whole-conversation
-rendering for every family, windowing, hostile input."""
+rendering for every family, windowing, hostile input; conversation state and forced replies;
+loading (without chimein.training) and a quiet start of `chat`."""
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from chimein.assistant import GroupChatAssistant
+from chimein.assistant import ConversationState, GroupChatAssistant
 from chimein.conversation import Conversation, Message
 from chimein.formatting import encode
 
@@ -33,7 +38,7 @@ def bot(request):
 def _whole(bot, messages) -> GroupChatAssistant:
     """A fresh runtime that sees the whole conversation at once (no cache reuse)."""
     fresh = GroupChatAssistant(bot.model, bot.tokenizer, bot.preset)
-    fresh.state.messages = list(messages)
+    fresh.use(ConversationState(list(messages)))
     return fresh
 
 
@@ -55,7 +60,7 @@ def test_incremental_ids_equal_whole_conversation_rendering(bot):
             assert d.response and bot.conversation.messages[-1].role == "assistant"
             continue
         assert bot.state.fed == _expected_context(bot)
-        whole = _whole(bot, bot.conversation.messages)._decide()
+        whole, _ = _whole(bot, bot.conversation.messages)._decide()
         assert d.p_speak == pytest.approx(whole.p_speak, abs=1e-4)
         assert d.format_mass == pytest.approx(whole.format_mass, rel=1e-3, abs=1e-12)
 
@@ -112,16 +117,153 @@ def test_invalid_message_is_refused_and_nothing_added(bot):
     assert len(bot.conversation.messages) == 1
 
 
+def test_reply_answers_the_last_message_and_replaces_a_reply(bot):
+    with pytest.raises(ValueError, match="no user message"):
+        bot.reply()
+    silent = bot.add("Ana", "who wrote Dune?")
+    assert not silent.speak and bot.conversation.messages[-1].role == "user"
+    d = bot.reply()
+    assert d.speak and d.response and d.completion_tokens > 0
+    assert d.p_speak == pytest.approx(silent.p_speak, abs=1e-4)  # the same decision, forced
+    assert [m.role for m in bot.conversation.messages] == ["user", "assistant"]
+    assert bot.conversation.messages[-1].content == d.response
+    bot.reply()  # again: the reply is replaced, not added
+    assert [m.role for m in bot.conversation.messages] == ["user", "assistant"]
+    d = bot.add("Ben", "thanks")
+    assert bot.state.fed == _expected_context(bot) and not d.speak
+
+
+def test_conversations_are_switched_with_use_and_keep_their_cache(bot):
+    a = bot.state
+    bot.add("Ana", "who wrote Dune?")
+    b = bot.use(ConversationState())
+    assert bot.state is b and bot.conversation.messages == ()
+    bot.add("Ben", "anyone up for lunch?")
+    assert bot.use(a) is a
+    fed = list(a.fed)
+    d = bot.add("Chen", "Frank Herbert, I think")
+    assert a.fed[:len(fed)] == fed  # a's cache was continued, not rebuilt
+    assert [m.content for m in a.messages] == ["who wrote Dune?", "Frank Herbert, I think"]
+    assert [m.content for m in b.messages] == ["anyone up for lunch?"]
+    whole, _ = _whole(bot, a.messages)._decide()
+    assert d.p_speak == pytest.approx(whole.p_speak, abs=1e-4)
+    bot.reset()
+    assert bot.state is not a and bot.conversation.messages == () and len(a.messages) == 2
+
+
+def test_a_failure_mid_message_leaves_the_conversation_as_it_was(bot, monkeypatch):
+    bot.add("Ana", "hi all")
+    before = bot.conversation.messages
+
+    def broken(branches):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(bot, "_generate", broken)
+    for attempt in (lambda: bot.add("Ben", "assistant?", force=True), bot.reply):
+        with pytest.raises(RuntimeError):
+            attempt()
+        assert bot.conversation.messages == before
+        assert bot.state.fed == [] and bot.state.cache is None and bot.state.nbytes() == 0
+    monkeypatch.undo()
+    d = bot.add("Ben", "assistant?")  # fed again from the messages
+    assert bot.state.fed == _expected_context(bot)
+    whole, _ = _whole(bot, bot.conversation.messages)._decide()
+    assert d.p_speak == pytest.approx(whole.p_speak, abs=1e-4)
+
+
+def test_scoring_a_conversation_leaves_the_current_one(bot):
+    bot.add("Ana", "hi all")
+    state, fed = bot.state, list(bot.state.fed)
+    conv = bot.conversation
+    assert bot.score_conversation(Conversation(conv.messages + (Message("assistant", "hello"),)))
+    assert bot.state is state and bot.conversation == conv and bot.state.fed == fed
+
+
+def test_describe_says_what_runs():
+    b = bot_for("tiny-chatml")
+    fresh = GroupChatAssistant(b.model, b.tokenizer, b.preset, chattiness=0.25)
+    assert fresh.describe() == "tiny-chatml (base) · chattiness 0.250 (fixed) · cpu float32"
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tmp_path_factory):
+    """An adapter directory as training writes it (random LoRA on tiny-chatml, trained "in 4-bit"
+    with a calibrated threshold), without training."""
+    from peft import LoraConfig, get_peft_model
+
+    from chimein.models import QuantSettings, load_base_model, load_tokenizer
+    from chimein.presets import load_preset
+
+    out = tmp_path_factory.mktemp("adapter")
+    preset = load_preset("tiny-chatml")
+    tok = load_tokenizer(preset)
+    model = get_peft_model(load_base_model(preset, QuantSettings(load_in_4bit=False), tok),
+                           LoraConfig(r=4, target_modules=list(preset.lora_target_modules), task_type="CAUSAL_LM"))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "chimein.json").write_text(json.dumps({  # torch_dtype: as adapters trained before its removal
+        "name": "tiny", "preset": {**preset.model_dump(), "torch_dtype": "bfloat16"},
+        "dataset_version": "ds-test", "mlflow_run_id": "-",
+        "hyperparameters": {"quantization": "nf4", "compute_dtype": "float32"}, "adapter_dtype": "float32",
+        "chattiness": {"threshold": 0.42, "source": "calibrated on ds-test:validation"}}))
+    return out
+
+
+LOAD_WITHOUT_TRAINING = """
+import sys
+from chimein.assistant import GroupChatAssistant
+bot = GroupChatAssistant.from_adapter(sys.argv[1])
+base = GroupChatAssistant.from_preset("tiny-chatml")
+assert "chimein.training" not in sys.modules, "loading imported chimein.training"
+print(bot.describe())
+"""
+
+
+def test_loading_does_not_import_training(tiny_adapter):
+    proc = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_TRAINING, str(tiny_adapter)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == (
+        f"tiny-chatml + {tiny_adapter} · chattiness 0.420 (calibrated on ds-test:validation) · cpu 4-bit float32")
+
+
+def test_chat_starts_quietly_with_one_line_on_what_was_loaded(tiny_adapter):
+    """Loading a 4-bit base and an adapter prints progress bars and library warnings by the
+    screenful; `chat` shows one line on what was loaded, then its help line and the prompt."""
+    proc = subprocess.run([sys.executable, "-m", "chimein.cli", "chat", "--adapter", str(tiny_adapter)],
+                          input="/quit\n", capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before_prompt = proc.stdout.split("You>")[0].strip().splitlines()
+    assert len(before_prompt) == 2, proc.stdout
+    assert before_prompt[0].startswith(f"loaded tiny-chatml + {tiny_adapter} · chattiness 0.420 "
+                                       "(calibrated on ds-test:validation) · cpu 4-bit float32 in ")
+    assert proc.stderr.strip() == ""
+
+
+def test_adapter_meta_is_read_from_a_directory_or_the_local_store(tiny_adapter, tmp_path, monkeypatch):
+    from chimein import adapters
+
+    meta = adapters.adapter_meta(tiny_adapter)  # a Path or a str
+    assert meta == adapters.adapter_meta(str(tiny_adapter)) and meta["dataset_version"] == "ds-test"
+    monkeypatch.setenv("CHIMEIN_STORE", str(tmp_path / "store"))
+    assert adapters.publish_local(tiny_adapter, "tiny") == "local:tiny"
+    assert adapters.adapter_meta("local:tiny") == meta
+    assert "ds-test" in (tmp_path / "store" / "adapters" / "tiny" / "README.md").read_text()
+
+
 def test_chat_cli_transcript():
     from typer.testing import CliRunner
 
     from chimein.cli import app
 
     r = CliRunner().invoke(app, ["chat", "--base", "tiny-chatml", "--chattiness", "2"],
-                           input="Ana: hi all\nhow are you\n/as Ben\n/force\n/reset\n/as ::\nx\n/quit\n")
+                           input="/force\nAna: hi all\nhow are you\n/as Ben\n/force\n/force\n/reset\n"
+                                 "/force\n/as ::\nx\n/quit\n")
     assert r.exit_code == 0, r.output
     assert r.output.count("(silence · p_speak") == 2  # "Ana: hi all", then Ana again
-    assert "assistant (p_speak" in r.output  # /force answered the last message
+    assert r.output.count("assistant (p_speak") == 2  # /force answered the last message, twice
+    assert r.output.count("nothing to answer yet") == 2  # /force before any message and after /reset
     assert "(conversation cleared)" in r.output
     assert "empty once normalised" in r.output  # a bad name is refused, the chat goes on
     r = CliRunner().invoke(app, ["chat"])

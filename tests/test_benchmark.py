@@ -67,7 +67,7 @@ def test_cases_file_must_match_the_chats(tmp_path):
 
 def test_eval_uses_the_benchmark_by_default(tmp_path):
     out = tmp_path / "report.json"
-    r = CliRunner().invoke(app, ["eval", "--baseline", "base", "--model", "tiny-chatml", "--no-replies",
+    r = CliRunner().invoke(app, ["eval", "--baseline", "base", "--preset", "tiny-chatml", "--no-replies",
                                  "--no-track", "--out", str(out)])
     assert r.exit_code == 0, r.output
     report = json.loads(out.read_text())

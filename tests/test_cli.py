@@ -18,7 +18,7 @@ runner = CliRunner()
 
 def test_preprocess_keeps_valid_reports_rejected(tmp_path):
     out = tmp_path / "pp"
-    r = runner.invoke(app, ["preprocess", "--model", "tiny-chatml", "--data", str(MIXED),
+    r = runner.invoke(app, ["preprocess", "--preset", "tiny-chatml", "--data", str(MIXED),
                             "--out", str(out)])
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "summary.json").read_text())
@@ -41,7 +41,7 @@ def test_preprocess_keeps_valid_reports_rejected(tmp_path):
 
 def test_preprocess_truncates_and_counts(tmp_path):
     out = tmp_path / "pp"
-    r = runner.invoke(app, ["preprocess", "--model", "tiny-llama-2", "--data", str(sample_data()),
+    r = runner.invoke(app, ["preprocess", "--preset", "tiny-llama-2", "--data", str(sample_data()),
                             "--out", str(out), "--max-length", "160"])
     assert r.exit_code == 0, r.output
     s = json.loads((out / "summary.json").read_text())
@@ -52,7 +52,7 @@ def test_preprocess_truncates_and_counts(tmp_path):
 
 
 def test_preprocess_strict_names_file_and_line(tmp_path):
-    r = runner.invoke(app, ["preprocess", "--model", "tiny-chatml", "--data", str(MIXED),
+    r = runner.invoke(app, ["preprocess", "--preset", "tiny-chatml", "--data", str(MIXED),
                             "--out", str(tmp_path / "pp"), "--strict"])
     assert r.exit_code == 1
     assert f"{MIXED}:2: invalid JSON" in r.output.replace("\n", "")
@@ -61,7 +61,7 @@ def test_preprocess_strict_names_file_and_line(tmp_path):
 
 def test_preprocess_names_rejected_lines(tmp_path):
     out = tmp_path / "pp"
-    r = runner.invoke(app, ["preprocess", "--model", "tiny-chatml", "--data", str(MIXED),
+    r = runner.invoke(app, ["preprocess", "--preset", "tiny-chatml", "--data", str(MIXED),
                             "--out", str(out)])
     assert r.exit_code == 0, r.output
     rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
@@ -82,7 +82,7 @@ LONG = [{"role": "user", "name": "Ann", "content": "word " * 200}]
 
 def test_preprocess_too_long_is_named_and_strict_stops_on_it(tmp_path):
     data = write_lines(tmp_path / "d.jsonl", SHORT, LONG)
-    args = ["preprocess", "--model", "tiny-chatml", "--data", str(data), "--max-length", "64"]
+    args = ["preprocess", "--preset", "tiny-chatml", "--data", str(data), "--max-length", "64"]
     r = runner.invoke(app, args + ["--out", str(tmp_path / "lenient")])
     assert r.exit_code == 0, r.output
     assert "│ 2    │ the first exchange alone is" in r.output
@@ -100,7 +100,7 @@ def test_preprocess_too_long_is_named_and_strict_stops_on_it(tmp_path):
 
 def test_preprocess_all_too_long_names_the_fix_not_validate(tmp_path):
     data = write_lines(tmp_path / "d.jsonl", LONG, LONG)
-    r = runner.invoke(app, ["preprocess", "--model", "tiny-chatml", "--data", str(data),
+    r = runner.invoke(app, ["preprocess", "--preset", "tiny-chatml", "--data", str(data),
                             "--out", str(tmp_path / "pp"), "--max-length", "64"])
     assert r.exit_code == 1
     message = " ".join(r.output.split())
@@ -110,14 +110,14 @@ def test_preprocess_all_too_long_names_the_fix_not_validate(tmp_path):
 
 
 def test_preprocess_unknown_preset_lists_presets(tmp_path):
-    r = runner.invoke(app, ["preprocess", "--model", "gpt-5", "--out", str(tmp_path)])
+    r = runner.invoke(app, ["preprocess", "--preset", "gpt-5", "--out", str(tmp_path)])
     assert r.exit_code == 1 and "tiny-chatml" in r.output
 
 
 def test_preprocess_with_nothing_usable_fails_clearly(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"not": "a list"}\n')
-    r = runner.invoke(app, ["preprocess", "--model", "tiny-chatml", "--data", str(bad),
+    r = runner.invoke(app, ["preprocess", "--preset", "tiny-chatml", "--data", str(bad),
                             "--out", str(tmp_path / "pp")])
     assert r.exit_code == 1 and "no usable conversation" in r.output
 

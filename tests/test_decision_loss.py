@@ -54,7 +54,8 @@ def _trainer(cfg, weighted: bool):
     from trl import SFTConfig, SFTTrainer
 
     from chimein.preprocess import PreprocessSummary, tokenize_conversations
-    from chimein.training import apply_lora, decision_weighted_trainer, load_base_model
+    from chimein.models import load_base_model
+    from chimein.training import apply_lora, decision_weighted_trainer
 
     preset, tok = preset_and_tokenizer(cfg.model)
     rows, _, _ = tokenize_conversations([CHAT, CHAT], [1, 2], "t", preset, tok,
@@ -163,7 +164,8 @@ def test_training_calibrates_and_the_runtime_uses_it(workdir, tmp_path):
 
 
 def test_lora_on_the_top_layers_only_leaves_the_rest_untouched(workdir):
-    from chimein.training import apply_lora, load_base_model
+    from chimein.models import load_base_model
+    from chimein.training import apply_lora
 
     cfg = tiny_config(**{"quantization.load_in_4bit": False, "lora.top_layers": 1})
     preset, tok = preset_and_tokenizer(cfg.model)

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from chimein.assistant import Decision
 from chimein.cli import app
 from chimein.conversation import parse_conversation
-from chimein.evaluation import OpenAIBaseline, decision_metrics, evaluate, pr_curve, report, similarity
+from chimein.evaluation import (HEADLINE_METRICS, OpenAIBaseline, decision_metrics, evaluate, pr_curve, report,
+                                similarity)
 
 from .fake_llm import FakeLLM
 
@@ -87,6 +88,7 @@ def test_evaluate_replays_with_the_reference_history():
     assert system.history == [("user", "odd one"), ("assistant", "Hello!")]  # teacher forced
     r = report(records, with_similarity=False)["metrics"]
     assert (r["tp"], r["fp"], r["fn"], r["tn"]) == (1, 1, 1, 1)
+    assert set(HEADLINE_METRICS) <= set(r) and len(set(HEADLINE_METRICS)) == len(HEADLINE_METRICS)
     assert r["format_compliance"] == 0.75 and r["similarity_pairs"] == 1
 
 
@@ -131,7 +133,7 @@ def test_eval_cli_base_and_openai_side_by_side(tmp_path, monkeypatch):
         {"role": "user", "name": "Ben", "content": "assistant, who wrote Dune?"},
         {"role": "assistant", "content": "Frank Herbert."}]) + "\n")
     with FakeLLM("openai", ["(silence)", "(response) Frank Herbert."]) as fake:
-        r = CliRunner().invoke(app, ["eval", "--data", str(data), "--baseline", "base", "--model",
+        r = CliRunner().invoke(app, ["eval", "--data", str(data), "--baseline", "base", "--preset",
                                      "tiny-chatml", "--baseline", "openai", "--openai-base-url",
                                      fake.base_url, "--out", "report.json"])
     assert r.exit_code == 0, r.output
@@ -142,9 +144,13 @@ def test_eval_cli_base_and_openai_side_by_side(tmp_path, monkeypatch):
     assert "macro_f1" in r.output and "MLflow run" in r.output
     import mlflow
 
-    runs = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
-        [mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("chimein-eval").experiment_id])
-    assert runs and runs[0].data.metrics["openai.f1"] == 1.0
+    # one run per system, in the pipeline's experiment, with the names training runs use (file.*)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = {r.data.tags["chimein.system"]: r for r in
+            client.search_runs([client.get_experiment_by_name("chimein").experiment_id])}
+    assert set(runs) == {"base", "openai"} and runs["openai"].data.metrics["file.f1"] == 1.0
+    assert runs["openai"].data.tags["file.chattiness_source"] == "model output"
+    assert runs["base"].data.tags["file.fingerprint"] == rep["fingerprint"]
 
 
 def test_eval_cli_on_a_dataset_versions_test_split(tmp_path, monkeypatch):
@@ -157,7 +163,7 @@ def test_eval_cli_on_a_dataset_versions_test_split(tmp_path, monkeypatch):
     data.write_text("".join((CORPUS_DIR / "part-0.jsonl").read_text().splitlines(keepends=True)[:10]))
     ds, info = build_dataset(data, test_fraction=0.3)
     publish_local(ds, info)
-    r = CliRunner().invoke(app, ["eval", "--data", info.location, "--baseline", "base", "--model",
+    r = CliRunner().invoke(app, ["eval", "--data", info.location, "--baseline", "base", "--preset",
                                  "tiny-chatml", "--limit", "1", "--no-track", "--out", "r.json"])
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "r.json").read_text())
@@ -165,5 +171,5 @@ def test_eval_cli_on_a_dataset_versions_test_split(tmp_path, monkeypatch):
     n_user = sum(m["role"] == "user" for m in ds["test"][0]["messages"])
     assert rep["systems"]["base"]["metrics"]["decisions"] == n_user
     r = CliRunner().invoke(app, ["eval", "--data", "local:ds-000000000000", "--baseline", "base",
-                                 "--model", "tiny-chatml", "--no-track"])
+                                 "--preset", "tiny-chatml", "--no-track"])
     assert r.exit_code == 1 and "no dataset" in r.output

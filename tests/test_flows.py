@@ -140,7 +140,8 @@ def test_cached_data_that_was_deleted_is_made_again(tmp_path):
 def _registered_versions(tmp_path, evaluations):
     """Registered versions of one model whose runs carry bench.balanced_accuracy and the stamp
     of the evaluation: (value, fingerprint, decisions scored, chattiness source)."""
-    from chimein.promotion import BENCH, EvalStamp, log_evaluation
+    from chimein.promotion import EvalStamp
+    from chimein.tracking import BENCH, log_evaluation
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
@@ -218,7 +219,7 @@ def test_compare_flow_makes_child_runs_and_a_comparison(tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "CHIMEIN_STORE": str(tmp_path / "store"),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    params = {"presets": ["tiny-chatml", "tiny-llama-2"],
+    params = {"presets": ["tiny-chatml", "tiny-llama-2"], "experiment": "presets",
               "retrain": {"train_config": None, "max_steps": 2, "heldout_limit": 1, "benchmark_limit": 2,
                           "generation": {"count": 8}}}
     proc = subprocess.run([sys.executable, "-c", RUN_COMPARE, json.dumps(params)], cwd=tmp_path, env=env,
@@ -228,8 +229,152 @@ def test_compare_flow_makes_child_runs_and_a_comparison(tmp_path):
     assert [r["preset"] for r in rows] == ["tiny-chatml", "tiny-llama-2"]
     assert rows[0]["dataset"] == rows[1]["dataset"]  # one dataset version for all presets
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name("chimein").experiment_id
-    (parent,) = client.search_runs([exp], "tags.mlflow.runName LIKE 'compare--%'")
-    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    # the parent in the experiment asked for, and the children with it (not in the default one)
+    exp = client.get_experiment_by_name("presets")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    (parent,) = client.search_runs([exp.experiment_id], "tags.mlflow.runName LIKE 'compare--%'")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {c.info.run_id for c in children} == {r["run_id"] for r in rows}
+    assert client.get_experiment_by_name("chimein") is None
+    assert parent.info.status == "FINISHED" and parent.data.tags["mlflow.source.name"] == "prefect flow compare"
+    assert all(c.data.tags["prefect.flow_run_id"] != parent.data.tags["prefect.flow_run_id"] for c in children)
+    assert all(r["train_loss"] == pytest.approx(c.data.metrics["train_loss"])
+               for r in rows for c in children if c.info.run_id == r["run_id"])
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"comparison.json", "loss_by_preset.png"}
+
+
+# --- the deployment form, run names, the summary, the hardware check (issue 11) -------------------
+
+
+def test_retrain_form_offers_choices_and_no_internals():
+    """What the Prefect UI renders for the retrain deployment: choices where the values are known,
+    a pattern for publish targets, and only the parameters a user sets."""
+    from prefect.utilities.callables import parameter_schema
+
+    from chimein.evaluation import HEADLINE_METRICS
+    from chimein.presets import list_presets
+    from flows.generate import generate
+    from flows.retrain import retrain
+
+    schema = parameter_schema(retrain).model_dump()
+    assert list(schema["properties"]) == ["params"] and "parent_run_id" not in json.dumps(schema)
+    form = schema["definitions"]["RetrainParams"]["properties"]
+    assert form["preset"]["enum"] == list_presets() and "zephyr-7b-beta" in form["preset"]["enum"]
+    assert form["promote_metric"]["enum"] == list(HEADLINE_METRICS)
+    assert schema["definitions"]["GenerationSettings"]["properties"]["source"]["enum"] == \
+        ["offline", "openai", "replicate"]
+    assert form["publish"]["pattern"] == form["publish_dataset"]["pattern"] == r"^(local|hub:[\w.-]+/[\w.-]+)$"
+    assert form["allow_cpu"]["default"] is False
+    assert list(parameter_schema(generate).model_dump()["properties"]) == ["params"]
+
+
+def test_flow_parameters_refuse_what_the_form_would():
+    from pydantic import ValidationError
+
+    from chimein.dataset import hub_repo
+    from flows.retrain import RetrainParams
+
+    for bad in ({"preset": "gpt-5"}, {"publish": "s3:bucket"}, {"promote_metric": "accuracy"},
+                {"generation": {"source": "ollama"}}, {"no_such_setting": 1}):
+        with pytest.raises(ValidationError):
+            RetrainParams.model_validate(bad)
+    assert RetrainParams(publish="hub:org/chimein-adapter").publish == "hub:org/chimein-adapter"
+    assert hub_repo("local") is None and hub_repo("hub:org/name") == "org/name"
+    with pytest.raises(ValueError, match="'local' or 'hub:ORG/NAME'"):
+        hub_repo("hub:no-slash")
+
+
+def test_retrain_summary_says_what_was_decided_and_why():
+    from flows.retrain import summary_markdown
+
+    bench = {"decisions": 600, "balanced_accuracy": 0.5, "f1": 0.81234, "missed_intervention_rate": 0.1,
+             "false_interruption_rate": 0.04, "precision": 0.7, "recall": 0.9, "macro_f1": 0.6,
+             "format_compliance": 1.0, "chattiness": 0.3}
+    md = summary_markdown({"run_name": "tiny-chatml--ds-1--abc", "run_id": "r1", "preset": "tiny-chatml",
+                           "run_url": "http://127.0.0.1:5000/#/experiments/1/runs/r1",
+                           "dataset": "local:ds-1", "adapter": "local:tiny-chatml--ds-1--abc",
+                           "registered": "chimein-tiny-chatml/2", "train_loss": 1.23456,
+                           "champion": {"moved": False, "reason": "balanced_accuracy 0.500 < 0.700: not better"},
+                           "benchmark": bench, "benchmark_fingerprint": "bench-x", "heldout": {}},
+                          "balanced_accuracy")
+    assert "**champion** (balanced accuracy): not moved — balanced_accuracy 0.500 < 0.700: not better" in md
+    header = next(line for line in md.splitlines() if line.startswith("| evaluation"))
+    assert "| balanced accuracy |" in header and "| false interruption rate |" in header
+    row = next(line for line in md.splitlines() if line.startswith("| benchmark"))
+    assert "bench-x" in row and "| 0.500 |" in row and "| 0.812 |" in row and "| 600 |" in row
+    assert "held-out" not in md  # not scored: no row
+    for line in ("| adapter | `local:tiny-chatml--ds-1--abc` |", "| registered model | chimein-tiny-chatml/2 |",
+                 "| train loss | 1.235 |", "| preset | tiny-chatml |",
+                 "| MLflow run | [r1](http://127.0.0.1:5000/#/experiments/1/runs/r1) |"):
+        assert line in md
+
+
+RUN_STOPPED = """
+import json, sys, time
+from prefect.client.orchestration import get_client
+from flows.retrain import RetrainParams, retrain
+state = retrain(RetrainParams.model_validate_json(sys.argv[1]), return_state=True)
+with get_client(sync_client=True) as client:
+    run = client.read_flow_run(state.state_details.flow_run_id)
+print("RESULT " + json.dumps({"state": state.type.value, "message": state.message, "name": run.name,
+                              "seconds": (run.end_time - run.start_time).total_seconds()}))
+"""
+
+
+def test_a_7b_preset_on_a_machine_without_cuda_stops_at_once(tmp_path):
+    """The nightly deployment's preset on a CPU worker: the run fails in seconds, before any API
+    call or download, naming the pool to use and the override; its name says what ran."""
+    import datetime
+
+    env = flow_env(tmp_path) | {"CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    params = {"preset": "zephyr-7b-beta", "train_config": None, "generation": {"source": "offline"}}
+    proc = subprocess.run([sys.executable, "-c", RUN_STOPPED, json.dumps(params)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    assert result["state"] == "FAILED" and result["seconds"] < 10
+    assert "needs a CUDA GPU" in proc.stderr and "`gpu` work pool" in proc.stderr and "allow_cpu" in proc.stderr
+    assert not (tmp_path / "outputs").exists()  # nothing generated, nothing trained
+    today = datetime.datetime.now(datetime.timezone.utc).date()  # a scheduled start time is UTC
+    assert result["name"] == f"zephyr-7b-beta--offline-300--{today}"
+
+
+RUN_GENERATE = """
+import json, sys
+from prefect.client.orchestration import get_client
+from flows.generate import GenerateParams, generate
+state = generate(GenerateParams.model_validate_json(sys.argv[1]), return_state=True)
+with get_client(sync_client=True) as client:
+    name = client.read_flow_run(state.state_details.flow_run_id).name
+print("RESULT " + json.dumps({"dataset": state.result(), "name": name}))
+"""
+
+
+def test_generate_flow_takes_a_params_model_and_names_its_run(tmp_path):
+    import datetime
+
+    env = flow_env(tmp_path)
+    params = {"generation": {"source": "offline", "count": 6, "seed": 3}}
+    proc = subprocess.run([sys.executable, "-c", RUN_GENERATE, json.dumps(params)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    today = datetime.datetime.now(datetime.timezone.utc).date()  # a scheduled start time is UTC
+    assert result["dataset"].startswith("local:ds-") and result["name"] == f"offline-6--{today}"
+    assert len(list((tmp_path / "outputs" / "generated").glob("conversations-*.jsonl"))) == 1
+
+
+def test_promotion_tags_the_model_version_with_its_scores_and_the_verdict(tmp_path, monkeypatch):
+    from tasks.model import promote_if_better
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client, (whole, partial) = _registered_versions(tmp_path, [(0.8, "bench-a", 600, "calibrated"),
+                                                               (0.9, "bench-a", 100, "calibrated")])
+    for v in (whole, partial):
+        promote_if_better.fn(v, "balanced_accuracy")
+    tags = client.get_model_version("chimein-probe", "1").tags
+    assert tags["bench.balanced_accuracy"] == "0.8000" and tags["bench.fingerprint"] == "bench-a"
+    assert tags["bench.complete"] == "true" and tags["chimein.promotion"].startswith("moved: first version")
+    tags = client.get_model_version("chimein-probe", "2").tags
+    assert tags["bench_partial.balanced_accuracy"] == "0.9000" and "bench.balanced_accuracy" not in tags
+    assert tags["chimein.promotion"].startswith("kept:") and "whole benchmark" in tags["chimein.promotion"]

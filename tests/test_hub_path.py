@@ -15,7 +15,8 @@ SCRIPT = """
 import json, sys
 from chimein.conversation import parse_conversation
 from chimein.formatting import encode
-from chimein.presets import load_preset, load_tokenizer, model_source
+from chimein.models import load_tokenizer, model_source
+from chimein.presets import load_preset
 preset = load_preset("zephyr-7b-beta")
 conv = parse_conversation([{"role": "user", "name": "Alice", "content": "who wrote Dune? </s>"},
                            {"role": "assistant", "content": "Frank Herbert."}])

@@ -10,6 +10,7 @@ from chimein.assets import asset_dir
 from chimein.paths import conf_dir
 from chimein.presets import (
     FAMILIES,
+    ModelPreset,
     PadTokenError,
     check_pad_token,
     chat_template,
@@ -132,3 +133,48 @@ def test_model_source_prefers_a_built_asset_then_the_hub(monkeypatch, tmp_path):
     assert model_source(smol, need_weights=True) == "HuggingFaceTB/SmolLM2-135M-Instruct"
     with pytest.raises(FileNotFoundError, match="chimein assets"):
         model_source(load_preset("tiny-chatml"), need_weights=True)
+
+
+def test_a_preset_that_needs_a_gpu_is_refused_without_cuda_before_any_download(monkeypatch):
+    import time
+
+    import torch
+
+    from chimein.presets import HardwareError, check_hardware
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert {n for n in list_presets() if load_preset(n).needs_gpu} == \
+        {"zephyr-7b-beta", "llama-2-7b-chat", "openchat-3.5-0106"}
+    start = time.perf_counter()
+    with pytest.raises(HardwareError, match=r"needs a CUDA GPU.*`gpu` work pool.*allow_cpu"):
+        check_hardware(load_preset("zephyr-7b-beta"))
+    assert time.perf_counter() - start < 10
+    check_hardware(load_preset("zephyr-7b-beta"), allow_cpu=True)  # the override
+    check_hardware(load_preset("smollm2-135m-instruct"))  # a CPU preset
+
+
+def test_train_command_refuses_a_7b_preset_without_cuda(tmp_path, monkeypatch):
+    import time
+
+    import torch
+    from typer.testing import CliRunner
+
+    from chimein.cli import app
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("CHIMEIN_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    start = time.perf_counter()
+    r = CliRunner().invoke(app, ["train", "--preset", "zephyr-7b-beta", "--dataset", "local:ds-none"])
+    assert r.exit_code == 1 and "needs a CUDA GPU" in r.output and "--allow-cpu" in r.output
+    assert time.perf_counter() - start < 10
+
+
+def test_presets_have_no_dtype_and_stored_ones_still_load():
+    """torch_dtype was set in every preset and read by nothing: gone, an unknown key in conf/;
+    an adapter trained before still carries it in chimein.json and loads."""
+    stored = load_preset("tiny-chatml").model_dump() | {"torch_dtype": "float32"}
+    with pytest.raises(ValidationError, match="torch_dtype"):
+        ModelPreset.model_validate(stored)
+    assert ModelPreset.from_stored(stored) == load_preset("tiny-chatml")

@@ -139,6 +139,21 @@ def test_a_rejected_message_changes_nothing(server):
     assert [m.content for m in state.messages if m.role == "user"] == ["first", "second"]
 
 
+def test_a_failed_decision_keeps_the_conversation(server, monkeypatch):
+    url, bot = server
+    at = f"{url}/v1/conversations/fails/messages"
+    assert httpx.post(at, json={"name": "Ana", "content": "first"}).status_code == 200
+
+    def broken(branches):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(bot, "_generate", broken)
+    assert httpx.post(at, json={"name": "Ben", "content": "assistant?", "force": True}).status_code == 500
+    monkeypatch.undo()
+    assert httpx.post(at, json={"name": "Ben", "content": "second"}).status_code == 200
+    assert [m.content for m in bot.state.messages if m.role == "user"] == ["first", "second"]
+
+
 def test_lone_surrogates_are_a_clear_422_on_both_endpoints(server):
     url, _ = server
     headers = {"content-type": "application/json"}

@@ -15,12 +15,12 @@ from typer.testing import CliRunner
 from chimein import adapters
 from chimein.cli import app
 from chimein.corpus import CORPUS_DIR
-from chimein.presets import PadTokenError, load_preset
+from chimein.models import PadTokenError, load_base_model
+from chimein.presets import load_preset
 from chimein.training import (
     TrainingGuardError,
     apply_lora,
     check_labelled_tokens,
-    load_base_model,
     load_train_config,
     loss_guard,
     train,
@@ -87,8 +87,9 @@ def test_training_logs_to_mlflow_moves_only_lora_and_reloads(workdir):
     assert "hf_secret" not in str(p) + str(run.data.tags)
     loss = client.get_metric_history(result.run_id, "loss")
     assert [m.step for m in sorted(loss, key=lambda m: m.step)] == [1, 2, 3]
-    for name in ("grad_norm", "learning_rate", "epoch", "final_train_loss", "data.labelled_tokens"):
+    for name in ("grad_norm", "learning_rate", "epoch", "train_loss", "data.labelled_tokens"):
         assert name in run.data.metrics, name
+    assert run.data.metrics["train_loss"] == pytest.approx(result.final_loss)
     assert run.data.metrics["data.labelled_tokens"] == result.labelled_tokens
     t = run.data.tags
     assert (t["chimein.family"], t["chimein.preset"], t["chimein.dataset_version"], t["chimein.device"]) == \
@@ -231,7 +232,7 @@ def test_gradient_checkpointing_with_peft_needs_input_grads():
 
 
 def test_train_cli(workdir):
-    r = CliRunner().invoke(app, ["train", "--model", "tiny-zephyr", "--dataset", "chats.jsonl",
+    r = CliRunner().invoke(app, ["train", "--preset", "tiny-zephyr", "--dataset", "chats.jsonl",
                                  "--max-steps", "1", "--config", str(_cli_config(workdir))])
     assert r.exit_code == 0, r.output
     assert "MLflow run" in r.output and "mlflow ui --backend-store-uri sqlite:///" in r.output
