@@ -5,8 +5,9 @@
 
 (a) naive: render the whole conversation with the chat template and `generate` until the
     end-of-turn token (the decision is whether the text starts with "(silence)");
-(b) incremental: GroupChatAssistant.add — one scoring pass over the new message's tokens with
-    the KV cache of the conversation so far; generation only when speaking.
+(b) incremental: GroupChatAssistant.add — one forward pass over the new message's tokens and
+    both continuations' diverging tokens (a tree-shaped mask over the KV cache of the
+    conversation so far, the continuations cropped after); generation only when speaking.
 
 Both see the same conversation from the bundled corpus; chattiness is set so (b) stays silent and
 the number measures the decision itself. Measured side by side in one run, best of --repeat.

@@ -7,13 +7,15 @@
     bot.reset()                       # a new, empty conversation
     chat = bot.use(ConversationState())   # or switch between conversations (a server keeps one per id)
 
-The decision takes one forward pass: the "(silence)" and "(response)" continuations are scored
-together (a batch of two over their few diverging tokens) and p_speak is the response's share of
-their probability. Generation runs only when the assistant speaks. The KV cache of the
-conversation so far is kept, so a new message costs its own tokens: the runtime tokenizes the
-whole rendered conversation (cheap) and feeds the model only what differs from what it has
-already seen, rolling the cache back where a boundary tokenized differently. The ids fed are
-therefore exactly those of rendering the whole conversation with the chat template.
+The decision takes one forward pass: the new message's tokens and the few diverging tokens of the
+"(silence)" and "(response)" continuations are fed together over the kept KV cache, each
+continuation attending only to the conversation and itself (a tree-shaped attention mask); they
+are then cropped from the cache, and p_speak is the response's share of their probability.
+Generation runs only when the assistant speaks. The KV cache of the conversation so far is kept,
+so a new message costs its own tokens: the runtime renders and tokenizes the whole conversation
+once per message (a few ms) and feeds the model only what differs from what it has already seen,
+rolling the cache back where a boundary tokenized differently. The ids fed are therefore exactly
+those of rendering the whole conversation with the chat template.
 """
 
 from __future__ import annotations
@@ -159,8 +161,7 @@ class GroupChatAssistant:
         msg = parse_conversation([{"role": "user", "name": name, "content": content}]).messages[0]
         with self._all_or_nothing():
             self.state.messages.append(msg)
-            self._window()
-            d, branches = self._decide()
+            d, branches = self._decide(self._window())
             d.speak = force or d.p_speak >= self.chattiness
             if d.speak and reply:
                 self._respond(d, branches)
@@ -296,14 +297,11 @@ class GroupChatAssistant:
         """(shared context, "(silence)" remainder, "(response)" remainder), each as the whole
         rendered conversation (by default the current one) tokenizes: the shared part is their
         longest common prefix."""
-        turns = self._turns(messages)[:-1]  # chat_turns closed the last user turn with "(silence)"
-        ids = {}
-        for label in (SILENCE, RESPONSE):
-            r = render(turns + [{"role": "assistant", "content": label}], self.tokenizer,
-                       self.preset.eot_token)
-            start = r.assistant_spans[-1][0]
-            ids[label] = self.tokenizer(r.text[: start + len(label)], add_special_tokens=False).input_ids
-        s, p = ids[SILENCE], ids[RESPONSE]
+        turns = self._turns(messages)  # chat_turns closed the last user turn with "(silence)"
+        # rendered once: what precedes the last assistant turn's content does not depend on it
+        r = render(turns, self.tokenizer, self.preset.eot_token)
+        head = r.text[:r.assistant_spans[-1][0]]
+        s, p = self.tokenizer([head + SILENCE, head + RESPONSE], add_special_tokens=False).input_ids
         n = _common_prefix(s, p)
         return s[:n], s[n:], p[n:]
 
@@ -324,18 +322,70 @@ class GroupChatAssistant:
             out = self.model(input_ids=new, cache=st.cache, use_cache=True, logits_to_keep=1)
         st.cache, st.fed, st.last_logits = out.cache, list(ids), out.logits[0, -1]
 
-    def _decide(self) -> tuple[Decision, _Branches]:
+    def _decide(self, branches: _Branches | None = None) -> tuple[Decision, _Branches]:
         """The decision on the current conversation, and the token ids it was made on (what
-        `_generate` continues)."""
+        `_generate` continues). One forward pass: the context's new tokens and both branches'
+        diverging tokens together, each branch attending to the cache, the context and its own
+        earlier tokens only (a tree-shaped 4-D mask, positions continuing from the context); the
+        branches are then cropped from the cache, which ends holding exactly the context."""
+        import torch
+
+        context, sil, resp = branches = branches or _Branches(*self._branch_ids())
+        st = self.state
+        rest = [b[:-1] for b in (sil, resp)]  # the last token of a branch is only scored
+        window = getattr(self.model.config, "sliding_window", None)
+        if window and len(context) + sum(map(len, rest)) >= window - 1:
+            # a sliding-window layer would evict keys that cropping the branches cannot restore
+            return self._decide_two_pass(branches), branches
+        n = _common_prefix(st.fed, context)
+        if n == len(context):  # already fed: feed its last token again to get its logits
+            n -= 1
+        if st.cache is not None and n < len(st.fed):
+            st.cache.crop(n - len(st.fed))
+        new = context[n:]
+        ids, positions, first = list(new), list(range(n, len(context))), []
+        for r in rest:
+            first.append(len(ids))
+            ids += r
+            positions += range(len(context), len(context) + len(r))
+        q = len(ids)
+        allowed = torch.ones(q, q, dtype=torch.bool).tril_()
+        for f, r in zip(first, rest):
+            allowed[f:f + len(r), len(new):f] = False  # a branch does not see the other one
+        mask = torch.cat([torch.ones(q, n, dtype=torch.bool), allowed], 1)
+        dtype = self.model.get_input_embeddings().weight.dtype
+        bias = torch.zeros(q, n + q, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
+        # logits rows: the context's last token predicts each branch's first, then its own tokens
+        keep = [len(new) - 1] + [f + j for f, r in zip(first, rest) for j in range(len(r))]
+        device = self.model.device
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor([ids], device=device),
+                             position_ids=torch.tensor([positions], device=device),
+                             attention_mask=bias[None, None].to(device), cache=st.cache,
+                             use_cache=True, logits_to_keep=torch.tensor(keep, device=device))
+        logp = torch.log_softmax(out.logits[0].float(), -1)
+        if q > len(new):
+            out.cache.crop(len(new) - q)
+        st.cache, st.fed, st.last_logits = out.cache, list(context), out.logits[0, 0]
+        scores, row = [], 1
+        for branch in (sil, resp):
+            s = logp[0, branch[0]].item() if branch else 0.0
+            for tok in branch[1:]:
+                s += logp[row, tok].item()
+                row += 1
+            scores.append(s)
+        return self._decision(scores, len(context)), branches
+
+    def _decide_two_pass(self, branches: _Branches) -> Decision:
+        """The decision as two passes: the context, then a batch of two over the branches on a
+        copy of the cache (used where a sliding window rules out cropping the branches away)."""
         import copy
 
         import torch
 
-        context, sil, resp = branches = _Branches(*self._branch_ids())
+        context, sil, resp = branches
         self._feed(context)
         logp_first = torch.log_softmax(self.state.last_logits.float(), -1)
-        scores = {}
-        # one pass, batch of two, over the diverging tokens (all but the last of each branch)
         rest = [b[:-1] for b in (sil, resp)]
         width = max(len(r) for r in rest)
         rest_logp = [[] for _ in rest]
@@ -349,12 +399,16 @@ class GroupChatAssistant:
             for i, branch in enumerate((sil, resp)):
                 lp = torch.log_softmax(logits[i].float(), -1)
                 rest_logp[i] = [lp[j, branch[j + 1]].item() for j in range(len(branch) - 1)]
-        for i, (label, branch) in enumerate(((SILENCE, sil), (RESPONSE, resp))):
-            scores[label] = logp_first[branch[0]].item() + sum(rest_logp[i]) if branch else 0.0
-        p_sil, p_resp = math.exp(scores[SILENCE]), math.exp(scores[RESPONSE])
+        scores = [logp_first[b[0]].item() + sum(lp) if b else 0.0 for b, lp in zip((sil, resp), rest_logp)]
+        return self._decision(scores, len(context))
+
+    @staticmethod
+    def _decision(scores: list[float], prompt_tokens: int) -> Decision:
+        """From the log-probabilities of "(silence)" and "(response)"."""
+        p_sil, p_resp = math.exp(scores[0]), math.exp(scores[1])
         total = p_sil + p_resp
         return Decision(speak=False, p_speak=p_resp / total if total > 0 else 0.0, format_mass=total,
-                        prompt_tokens=len(context)), branches
+                        prompt_tokens=prompt_tokens)
 
     def _generate(self, branches: _Branches) -> tuple[str, int]:
         """Greedy reply after the "(response)" prefix, until the end-of-turn token; with the
@@ -375,14 +429,16 @@ class GroupChatAssistant:
         text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
         return neutralize(text, self.pattern) or "…", len(out)
 
-    def _window(self) -> None:
+    def _window(self) -> _Branches:
         """Keep the decision's context under max_context_tokens by dropping whole exchanges from
         the start (to 3/4 of the limit, so the cache is rebuilt rarely). The conversation is
         measured as rendered, not by what the cache holds, so a long message or a whole history
-        given at once (the OpenAI endpoint) is windowed too."""
+        given at once (the OpenAI endpoint) is windowed too. Returns the decision's token ids of
+        the conversation kept."""
         msgs = self.state.messages
-        if len(self._branch_ids()[0]) + 64 < self.max_context_tokens:
-            return
+        branches = _Branches(*self._branch_ids())  # the decision's ids: measured once, used after
+        if len(branches.context) + 64 < self.max_context_tokens:
+            return branches
         budget = int(self.max_context_tokens * 0.75)
         starts = [i for i, m in enumerate(msgs) if m.role == "user"]
         # the fewest exchanges to drop: a binary search, as fewer exchanges render to fewer tokens;
@@ -395,6 +451,7 @@ class GroupChatAssistant:
             else:
                 lo = mid + 1
         del msgs[:starts[lo]]
+        return _Branches(*self._branch_ids())
 
 
 class _Branches(NamedTuple):
