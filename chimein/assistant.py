@@ -366,14 +366,17 @@ class GroupChatAssistant:
         logp = torch.log_softmax(out.logits[0].float(), -1)
         if q > len(new):
             out.cache.crop(len(new) - q)
-        st.cache, st.fed, st.last_logits = out.cache, list(context), out.logits[0, 0]
-        scores, row = [], 1
-        for branch in (sil, resp):
-            s = logp[0, branch[0]].item() if branch else 0.0
-            for tok in branch[1:]:
-                s += logp[row, tok].item()
-                row += 1
-            scores.append(s)
+        # a copy: a view of row 0 would keep every kept row's logits alive with the conversation
+        st.cache, st.fed, st.last_logits = out.cache, list(context), out.logits[0, 0].clone()
+        rows, toks, owner, row = [], [], [], 1  # one gather, one transfer (not a sync per token)
+        for i, branch in enumerate((sil, resp)):
+            for j, tok in enumerate(branch):
+                rows.append(0 if j == 0 else row)
+                row += j > 0
+                toks.append(tok)
+                owner.append(i)
+        picked = logp[rows, toks].tolist() if rows else []
+        scores = [sum(v for v, o in zip(picked, owner) if o == i) for i in range(2)]
         return self._decision(scores, len(context)), branches
 
     def _decide_two_pass(self, branches: _Branches) -> Decision:
