@@ -21,7 +21,9 @@ those of rendering the whole conversation with the chat template.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -166,6 +168,59 @@ class GroupChatAssistant:
             if d.speak and reply:
                 self._respond(d, branches)
         return d
+
+    def add_many(self, requests: list[tuple[ConversationState, str, str, bool]],
+                 reply: bool = True) -> list[Decision | Exception]:
+        """Several conversations' new messages at once, as (state, name, content, force): the
+        decisions that `add` would make on each, in shared forward passes — the new tokens of all
+        of them are batched over their own KV caches (stacked, padded, masked), and the replies
+        of those that speak are generated together, a token of each per pass. A server gathers
+        the messages that arrive together and calls this. Each result is the Decision or the
+        exception that refused or failed that message (its conversation is then as it was, less
+        its cache, as with `add`); a conversation may appear only once. Afterwards `state` is the
+        last one given."""
+        results: list[Decision | Exception | None] = [None] * len(requests)
+        window = getattr(self.model.config, "sliding_window", None) or math.inf
+        # nothing to batch, or a sliding window that a context might reach (it would evict keys
+        # that cropping cannot restore): one by one
+        if len(requests) == 1 or window <= self.max_context_tokens + self.max_new_tokens + 64:
+            for i, (state, name, content, force) in enumerate(requests):
+                self.use(state)
+                try:
+                    results[i] = self.add(name, content, force=force, reply=reply)
+                except Exception as e:  # noqa: BLE001 — the caller answers each message on its own
+                    results[i] = e
+            return results
+        if len({id(r[0]) for r in requests}) < len(requests):
+            raise ValueError("a conversation may appear only once in add_many: its messages are in order")
+        ready: list[tuple[int, ConversationState, list[Message], _Branches]] = []
+        for i, (state, name, content, _) in enumerate(requests):
+            before = list(state.messages)
+            try:
+                msg = parse_conversation([{"role": "user", "name": name, "content": content}]).messages[0]
+                self.use(state)
+                state.messages.append(msg)
+                ready.append((i, state, before, self._window()))
+            except Exception as e:  # noqa: BLE001
+                state.messages[:] = before
+                results[i] = e
+        for group in [ready[i:i + 32] for i in range(0, len(ready), 32)]:
+            try:
+                decisions = self._decide_batch([(st, br) for _, st, _, br in group])
+                speakers = []
+                for (i, st, _, br), d in zip(group, decisions):
+                    d.speak = requests[i][3] or d.p_speak >= self.chattiness
+                    results[i] = d
+                    if d.speak and reply:
+                        speakers.append((st, br, d))
+                if speakers:
+                    self._generate_batch(speakers)
+            except Exception as e:  # noqa: BLE001 — the whole group failed: each as `add` would
+                for i, st, before, _ in group:
+                    st.messages[:] = before
+                    st.drop_cache()
+                    results[i] = e
+        return results
 
     def reply(self) -> Decision:
         """Answer the last user message now, whatever was decided (chat's /force): a reply the
@@ -337,12 +392,78 @@ class GroupChatAssistant:
         if window and len(context) + sum(map(len, rest)) >= window - 1:
             # a sliding-window layer would evict keys that cropping the branches cannot restore
             return self._decide_two_pass(branches), branches
+        tree = self._tree(st, branches)
+        device = self.model.device
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor([tree.ids], device=device),
+                             position_ids=torch.tensor([tree.positions], device=device),
+                             attention_mask=tree.bias, cache=st.cache, use_cache=True,
+                             logits_to_keep=torch.tensor(tree.keep, device=device))
+        logp = torch.log_softmax(out.logits[0].float(), -1)
+        if len(tree.ids) > tree.new:  # transformers 5: a negative count of tokens to drop
+            out.cache.crop(tree.new - len(tree.ids))
+        # a copy: a view of row 0 would keep every kept row's logits alive with the conversation
+        st.cache, st.fed, st.last_logits = out.cache, list(context), out.logits[0, 0].clone()
+        row = {x: k for k, x in enumerate(tree.keep)}  # one gather, one transfer (not a sync per token)
+        picked = iter(logp[[row[r] for r in tree.score_rows], tree.score_tokens].tolist())
+        scores = [sum(next(picked) for _ in range(k)) for k in tree.counts]
+        return self._decision(scores, len(context)), branches
+
+    def _decide_batch(self, items: list[tuple[ConversationState, _Branches]]) -> list[Decision]:
+        """`_decide` for several conversations in one forward pass, packed: each one's new tokens
+        and branch tokens (its tree, as `_decide` builds it) one after the other in a single
+        sequence, so the projections and MLPs run on real tokens only (no padding); attention is
+        computed per conversation over its own cache (`_packed`). Each state then holds a cache
+        of exactly its context, as after `_decide`."""
+        import torch
+
+        segments, trees = [], []
+        for st, br in items:
+            tree = self._tree(st, br)
+            trees.append(tree)
+            if st.cache is None:
+                st.cache = _new_cache(self.model.config)
+            segments.append((st.cache, len(tree.ids), tree.bias))
+        offsets = [0]
+        for tree in trees:
+            offsets.append(offsets[-1] + len(tree.ids))
+        keep = sorted({o + r for o, tree in zip(offsets, trees) for r in tree.keep})
+        row = {x: k for k, x in enumerate(keep)}
+        device = self.model.device
+        with torch.no_grad(), _packed(self.model, segments):
+            logits = self.model(input_ids=torch.tensor([[t for tree in trees for t in tree.ids]], device=device),
+                                position_ids=torch.tensor([[p for tree in trees for p in tree.positions]],
+                                                          device=device),
+                                use_cache=False, logits_to_keep=torch.tensor(keep, device=device)).logits[0]
+        logp = torch.log_softmax(logits.float(), -1)
+        rows, toks = [], []  # every scored token of every branch, gathered at once
+        for o, tree in zip(offsets, trees):
+            rows += [row[o + r] for r in tree.score_rows]
+            toks += tree.score_tokens
+        picked = iter(logp[rows, toks].tolist() if rows else [])
+        decisions = []
+        for (st, br), o, tree in zip(items, offsets, trees):
+            scores = [sum(next(picked) for _ in range(k)) for k in tree.counts]
+            if len(tree.ids) > tree.new:
+                st.cache.crop(tree.new - len(tree.ids))
+            st.fed, st.last_logits = list(br.context), logits[row[o + tree.new - 1]].clone()
+            decisions.append(self._decision(scores, len(br.context)))
+        return decisions
+
+    def _tree(self, st: ConversationState, br: _Branches) -> _Tree:
+        """What `_decide` feeds for `br` over `st`'s cache (cropped here to what it shares with
+        the context): the new context tokens, then each branch's diverging tokens, each branch
+        attending to the cache, the context and its own earlier tokens only."""
+        import torch
+
+        context, sil, resp = br
         n = _common_prefix(st.fed, context)
         if n == len(context):  # already fed: feed its last token again to get its logits
             n -= 1
         if st.cache is not None and n < len(st.fed):
             st.cache.crop(n - len(st.fed))
         new = context[n:]
+        rest = [b[:-1] for b in (sil, resp)]  # the last token of a branch is only scored
         ids, positions, first = list(new), list(range(n, len(context))), []
         for r in rest:
             first.append(len(ids))
@@ -357,27 +478,59 @@ class GroupChatAssistant:
         bias = torch.zeros(q, n + q, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
         # logits rows: the context's last token predicts each branch's first, then its own tokens
         keep = [len(new) - 1] + [f + j for f, r in zip(first, rest) for j in range(len(r))]
-        device = self.model.device
-        with torch.no_grad():
-            out = self.model(input_ids=torch.tensor([ids], device=device),
-                             position_ids=torch.tensor([positions], device=device),
-                             attention_mask=bias[None, None].to(device), cache=st.cache,
-                             use_cache=True, logits_to_keep=torch.tensor(keep, device=device))
-        logp = torch.log_softmax(out.logits[0].float(), -1)
-        if q > len(new):
-            out.cache.crop(len(new) - q)
-        # a copy: a view of row 0 would keep every kept row's logits alive with the conversation
-        st.cache, st.fed, st.last_logits = out.cache, list(context), out.logits[0, 0].clone()
-        rows, toks, owner, row = [], [], [], 1  # one gather, one transfer (not a sync per token)
-        for i, branch in enumerate((sil, resp)):
+        score_rows, score_tokens = [], []
+        for f, branch in zip(first, (sil, resp)):
             for j, tok in enumerate(branch):
-                rows.append(0 if j == 0 else row)
-                row += j > 0
-                toks.append(tok)
-                owner.append(i)
-        picked = logp[rows, toks].tolist() if rows else []
-        scores = [sum(v for v, o in zip(picked, owner) if o == i) for i in range(2)]
-        return self._decision(scores, len(context)), branches
+                score_rows.append(len(new) - 1 if j == 0 else f + j - 1)
+                score_tokens.append(tok)
+        return _Tree(ids, positions, bias[None, None].to(self.model.device), len(new), keep,
+                     score_rows, score_tokens, [len(sil), len(resp)])
+
+    def _generate_batch(self, speakers: list[tuple[ConversationState, _Branches, Decision]]) -> None:
+        """`_respond` for several conversations at once, packed like `_decide_batch`: first each
+        one's "(response)" tokens, then greedy decoding with one token of each per pass, until
+        each ends. Each state ends as after `_respond`: the reply added, the cache holding what
+        was fed."""
+        import torch
+
+        device = self.model.device
+        dtype = self.model.get_input_embeddings().weight.dtype
+        stops = {self.eot_id, self.tokenizer.eos_token_id}
+        feeds = [list(br.response) for _, br, _ in speakers]  # what each feeds next
+        outs: list[list[int]] = [[] for _ in speakers]
+        live = list(range(len(speakers)))
+        for step in range(self.max_new_tokens + 1):
+            segments, ids, positions = [], [], []
+            for b in live:
+                st, feed = speakers[b][0], feeds[b]
+                q, n = len(feed), len(st.fed)
+                causal = torch.ones(q, n + q, dtype=torch.bool).tril_(n)
+                bias = torch.zeros(q, n + q, dtype=dtype).masked_fill_(~causal, torch.finfo(dtype).min)
+                segments.append((st.cache, q, bias[None, None].to(device)))
+                ids += feed
+                positions += range(n, n + q)
+                st.fed = st.fed + feed
+            keep = torch.tensor(list(itertools.accumulate(len(feeds[b]) for b in live)), device=device) - 1
+            with torch.no_grad(), _packed(self.model, segments):
+                logits = self.model(input_ids=torch.tensor([ids], device=device),
+                                    position_ids=torch.tensor([positions], device=device),
+                                    use_cache=False, logits_to_keep=keep).logits[0]
+            toks = torch.argmax(logits, -1).tolist()
+            still = []
+            for i, b in enumerate(live):
+                speakers[b][0].last_logits = logits[i].clone()
+                if toks[i] in stops or step == self.max_new_tokens:
+                    continue
+                outs[b].append(toks[i])
+                feeds[b] = [toks[i]]
+                still.append(b)
+            live = still
+            if not live:
+                break
+        for (st, _, d), out in zip(speakers, outs):
+            text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
+            d.response, d.completion_tokens = neutralize(text, self.pattern) or "…", len(out)
+            st.messages.append(Message("assistant", d.response))
 
     def _decide_two_pass(self, branches: _Branches) -> Decision:
         """The decision as two passes: the context, then a batch of two over the branches on a
@@ -463,6 +616,65 @@ class _Branches(NamedTuple):
     context: list[int]  # shared by both continuations: what the cache holds when deciding
     silence: list[int]  # the rest of "(silence)"
     response: list[int]  # the rest of "(response)", where a reply continues
+
+
+class _Tree(NamedTuple):
+    """One conversation's part of a packed decision (see GroupChatAssistant._tree)."""
+
+    ids: list[int]  # the new context tokens, then each branch's diverging tokens
+    positions: list[int]
+    bias: object  # [1, 1, len(ids), cached + len(ids)] additive attention mask
+    new: int  # how many of `ids` are the context's
+    keep: list[int]  # the rows whose logits are needed
+    score_rows: list[int]  # the row scoring each branch token, "(silence)"'s then "(response)"'s
+    score_tokens: list[int]
+    counts: list[int]  # how many of those are "(silence)"'s, "(response)"'s
+
+
+_PACKED_SEGMENTS = threading.local()  # what `_packed` gives the attention of the forward it wraps
+
+
+@contextlib.contextmanager
+def _packed(model, segments: list[tuple[object, int, object]]):
+    """Within it, `model`'s attention treats its (batch-1) input as several conversations packed
+    one after the other: `segments` are (the conversation's cache, its number of tokens, its
+    additive mask over [cache, own tokens]); each segment's keys and values are appended to its
+    own cache and it attends to that cache only. Call the model with use_cache=False."""
+    from transformers import AttentionInterface
+
+    if "chimein_packed" not in AttentionInterface._global_mapping:
+        AttentionInterface.register("chimein_packed", _packed_attention)
+    configs = {id(m.config): m.config for m in model.modules()
+               if hasattr(m, "layer_idx") and hasattr(m, "config")}.values()
+    saved = [c._attn_implementation_internal for c in configs]
+    _PACKED_SEGMENTS.value = segments
+    for c in configs:
+        c._attn_implementation_internal = "chimein_packed"
+    try:
+        yield
+    finally:
+        for c, impl in zip(configs, saved):
+            c._attn_implementation_internal = impl
+        _PACKED_SEGMENTS.value = None
+
+
+def _packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    import torch
+    import torch.nn.functional as F
+
+    outs, start = [], 0
+    for cache, q, bias in _PACKED_SEGMENTS.value:
+        k, v = cache.update(key[:, :, start:start + q], value[:, :, start:start + q], module.layer_idx)
+        outs.append(F.scaled_dot_product_attention(query[:, :, start:start + q], k, v, attn_mask=bias,
+                                                   scale=scaling, enable_gqa=k.shape[1] != query.shape[1]))
+        start += q
+    return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
+
+
+def _new_cache(config):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=config)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

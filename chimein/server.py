@@ -21,8 +21,13 @@ of a chat completion. Limits (arguments of `create_app`): at most `max_conversat
 recently used is dropped), and `max_cache_mb` of caches together (beyond it the least recently
 used conversations lose their cache but keep their messages: their next message feeds them
 again); request bodies up to `max_body_bytes` (413 beyond) and chat completions up to
-`max_messages` messages (422). A rejected message (422) changes nothing. One model serves all:
-requests are serialised.
+`max_messages` messages (422). A rejected message (422) changes nothing.
+
+One model serves all, from one thread: the messages that arrive while it works wait, and are
+then decided together — batched over their own caches in shared forward passes, the replies of
+those that speak generated together (`GroupChatAssistant.add_many`), up to `max_batch` at a time
+(1: one request at a time). Messages to the same conversation are decided in the order they
+arrived, one per batch.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import Future
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -115,8 +121,73 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": json.dumps({"detail": detail}).encode()})
 
 
+class Batcher:
+    """The model's own thread: `submit` queues a message for a conversation and waits for its
+    Decision; the thread takes every waiting message (one per conversation, in arrival order, at
+    most `max_batch`) and decides them together with `bot.add_many`. A message comes with its
+    conversation's state, or with a key: then `before(key)` gives the state when the message is
+    taken and `after(key, state, result)` is called once it is decided (both on the model's
+    thread). The thread starts with the first message and ends after `idle_s` without one (so a
+    dropped app does not keep its model alive)."""
+
+    def __init__(self, bot: GroupChatAssistant, before, after, max_batch: int = 16, idle_s: float = 10.0):
+        self.bot, self.before, self.after = bot, before, after
+        self.max_batch, self.idle_s = max_batch, idle_s
+        self.waiting: list[tuple[object, ConversationState | None, tuple, Future]] = []
+        self.cond = threading.Condition()
+        self.running = False
+        self.sizes: list[int] = []  # how many messages each of the last passes decided
+
+    def submit(self, key: str | None, name: str, content: str, force: bool,
+               state: ConversationState | None = None) -> Decision:
+        """Decide a message of the stored conversation `key`, or of `state` (key None: a
+        conversation of its own); blocks until done, raises what it raised."""
+        fut: Future = Future()
+        with self.cond:
+            self.waiting.append((key if state is None else object(), state, (name, content, force), fut))
+            if not self.running:
+                self.running = True
+                threading.Thread(target=self._run, name="chimein-model", daemon=True).start()
+            self.cond.notify()
+        return fut.result()
+
+    def _take(self) -> list[tuple[object, ConversationState | None, tuple, Future]]:
+        """The next batch: empty when the thread has been idle for `idle_s` (it then ends)."""
+        with self.cond:
+            if not self.waiting and not self.cond.wait_for(lambda: self.waiting, self.idle_s):
+                self.running = False
+                return []
+            taken, keys, left = [], set(), []
+            for item in self.waiting:
+                if len(taken) < self.max_batch and item[0] not in keys:
+                    taken.append(item)
+                    keys.add(item[0])
+                else:  # the conversation's earlier message goes first
+                    left.append(item)
+            self.waiting = left
+            return taken
+
+    def _run(self) -> None:
+        while taken := self._take():
+            try:
+                states = [st if st is not None else self.before(key) for key, st, _, _ in taken]
+                results = self.bot.add_many([(st, *msg) for st, (_, _, msg, _) in zip(states, taken)])
+                for (key, given, _, fut), st, result in zip(taken, states, results):
+                    if given is None:
+                        self.after(key, st, result)
+                    if isinstance(result, BaseException):
+                        fut.set_exception(result)
+                    else:
+                        fut.set_result(result)
+                self.sizes = (self.sizes + [len(taken)])[-100:]
+            except BaseException as e:  # noqa: BLE001 — every waiting request is answered; the thread goes on
+                for *_, fut in taken:
+                    if not fut.done():
+                        fut.set_exception(e)
+
+
 def create_app(bot: GroupChatAssistant, max_conversations: int = 256, max_cache_mb: float = 2048,
-               max_body_bytes: int = 2 * 2**20, max_messages: int = 4096):
+               max_body_bytes: int = 2 * 2**20, max_messages: int = 4096, max_batch: int = 16):
     from fastapi import FastAPI, HTTPException, Path
     from fastapi.encoders import jsonable_encoder
     from fastapi.exceptions import RequestValidationError
@@ -133,7 +204,7 @@ def create_app(bot: GroupChatAssistant, max_conversations: int = 256, max_cache_
                   for e in exc.errors()]
         return Response(json.dumps({"detail": jsonable_encoder(errors)}), 422, media_type="application/json")
 
-    lock = threading.Lock()  # one model, one cache in use at a time
+    lock = threading.Lock()  # the conversation store (the model has its own thread)
     conversations: OrderedDict[str, ConversationState] = OrderedDict()  # least recently used first
     cache_bytes: dict[str, int] = {}  # each conversation's cache, measured after its last message
     stats = {"conversations": 0, "cache_bytes": 0}  # for /healthz, which must not wait for the lock
@@ -146,11 +217,29 @@ def create_app(bot: GroupChatAssistant, max_conversations: int = 256, max_cache_
         except InvalidConversation as e:
             raise HTTPException(422, e.problem) from None
 
-    def decide(state: ConversationState, name: str, content: str, force: bool) -> Decision:
-        """Add a checked message to `state` and decide (under the lock). On failure the state is
-        as before, less its cache (the assistant sees to it)."""
-        bot.use(state)
-        return bot.add(name, content, force=force)
+    def before(cid: str) -> ConversationState:
+        """The state a message is decided on: a chat completion's history, or the stored
+        conversation (a new one is stored at once, so a delete meanwhile is seen)."""
+        with lock:
+            state = conversations.get(cid)
+            if state is None:
+                state = conversations[cid] = ConversationState()
+                cache_bytes[cid] = 0
+            return state
+
+    def after(cid: str, state: ConversationState, result) -> None:
+        """Once decided: the conversation becomes the most recently used and the limits are
+        applied — unless it was deleted while it was decided."""
+        with lock:
+            if conversations.get(cid) is not state:  # deleted meanwhile
+                return
+            if isinstance(result, BaseException) and not state.messages:  # its first message failed
+                del conversations[cid]
+                cache_bytes.pop(cid, None)
+            else:
+                keep(cid, state)
+
+    batcher = app.state.batcher = Batcher(bot, before, after, max_batch=max_batch)
 
     def keep(cid: str, state: ConversationState) -> None:
         """Store a conversation as the most recently used; then, least recently used first, drop
@@ -172,10 +261,7 @@ def create_app(bot: GroupChatAssistant, max_conversations: int = 256, max_cache_
     @app.post("/v1/conversations/{cid}/messages", response_model=DecisionOut)
     def post_message(msg: MessageIn, cid: str = Path(min_length=1, max_length=256)) -> DecisionOut:
         check(msg.name, msg.content)
-        with lock:
-            state = conversations.get(cid) or ConversationState()
-            d = decide(state, msg.name, msg.content, msg.force)
-            keep(cid, state)
+        d = batcher.submit(cid, msg.name, msg.content, msg.force)
         return DecisionOut(speak=d.speak, p_speak=d.p_speak, response=d.response)
 
     @app.delete("/v1/conversations/{cid}")
@@ -206,8 +292,8 @@ def create_app(bot: GroupChatAssistant, max_conversations: int = 256, max_cache_
             history = list(parse_conversation(raw).messages) if raw else []
         except InvalidConversation as e:
             raise HTTPException(422, f"messages: {e.problem}") from None
-        with lock:  # windowed by the assistant like a conversation
-            d = decide(ConversationState(messages=history), name, last.content, False)
+        # windowed by the assistant like a conversation
+        d = batcher.submit(None, name, last.content, False, state=ConversationState(messages=history))
         content = d.response if d.speak else SILENCE
         usage = {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
                  "total_tokens": d.prompt_tokens + d.completion_tokens}
@@ -242,7 +328,9 @@ def create_app(bot: GroupChatAssistant, max_conversations: int = 256, max_cache_
 
     @app.get("/healthz")
     def healthz() -> dict:
+        sizes = batcher.sizes
         return {"ok": True, "model": bot.preset.name, "conversations": stats["conversations"],
-                "cache_mb": round(stats["cache_bytes"] / 2**20, 3)}
+                "cache_mb": round(stats["cache_bytes"] / 2**20, 3), "max_batch": max_batch,
+                "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else None}
 
     return app

@@ -369,3 +369,54 @@ def test_one_pass_decision_equals_two_pass_and_leaves_the_cache_at_the_context(b
     finally:
         bot.system_prompt = None
         bot.model.set_attn_implementation(before)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_batched_decisions_equal_one_by_one(name, monkeypatch):
+    """add_many (what the server does with messages that arrive together): conversations with
+    caches of different lengths, a whole history given at once (no cache), some messages forced
+    to a reply, one refused — the same decisions, replies, usage, fed ids and caches as `add`
+    one conversation at a time, in one packed forward pass per round."""
+    import torch
+
+    bot = bot_for(name)
+    bot.chattiness = 2.0
+    history = [Message("user", f"message {j}", f"U{j % 3}") for j in range(7)]
+    one = [ConversationState() for _ in range(4)] + [ConversationState(list(history))]
+    many = [ConversationState() for _ in range(4)] + [ConversationState(list(history))]
+    passes = []
+    decide_batch = bot._decide_batch
+    monkeypatch.setattr(bot, "_decide_batch", lambda items: passes.append(len(items)) or decide_batch(items))
+    for rnd in range(3):
+        requests = [(k, *CHAT[(k + rnd) % len(CHAT)], (k + rnd) % 3 == 0) for k in range(5 - rnd % 2)]
+        if rnd == 1:
+            requests.append((5, "Zed", "bad \ud800 text", False))
+            one.append(ConversationState())
+            many.append(ConversationState())
+        alone = []
+        for k, who, text, force in requests:
+            bot.use(one[k])
+            try:
+                alone.append(bot.add(who, text, force=force))
+            except Exception as e:  # noqa: BLE001
+                alone.append(e)
+        together = bot.add_many([(many[k], who, text, force) for k, who, text, force in requests])
+        for a, b in zip(alone, together, strict=True):
+            if isinstance(a, Exception):
+                assert type(b) is type(a) and str(b) == str(a)
+                continue
+            assert b.p_speak == pytest.approx(a.p_speak, abs=1e-4)
+            assert (b.speak, b.response, b.prompt_tokens, b.completion_tokens) == \
+                   (a.speak, a.response, a.prompt_tokens, a.completion_tokens)
+        assert any(d.speak for d in together if not isinstance(d, Exception))
+        for a, b in zip(one, many):
+            assert a.messages == b.messages and a.fed == b.fed
+            if a.cache is None:
+                assert b.cache is None
+                continue
+            for la, lb in zip(a.cache.layers, b.cache.layers, strict=True):
+                assert la.keys.shape == lb.keys.shape and torch.allclose(la.keys, lb.keys, atol=1e-4)
+            assert torch.allclose(a.last_logits, b.last_logits, atol=1e-3)
+    assert passes == [5, 4, 5]  # one pass per round; the refused message never reached the model
+    with pytest.raises(ValueError, match="only once"):
+        bot.add_many([(many[0], "A", "x", False), (many[0], "B", "y", False)])

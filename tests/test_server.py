@@ -273,3 +273,68 @@ def test_openai_client_streams_lists_models_and_is_told_of_ignored_system_messag
         *chat])
     assert told.model_extra["chimein"] == {**plain.model_extra["chimein"], "ignored_system_messages": 2}
     assert told.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_messages_that_arrive_together_are_decided_together(monkeypatch):
+    """While the model is busy, messages of eight conversations, a second message of the busy
+    one, a chat completion and then a second message of one of the eight arrive: the next pass
+    decides the ten that can go together (the last one waits for its conversation's first), and
+    every answer is what a one-at-a-time server gives."""
+    bot = GroupChatAssistant.from_preset("tiny-chatml", max_new_tokens=4, chattiness=0.5)
+    app = create_app(bot)
+    passes, gate = [], threading.Event()
+    add_many = bot.add_many
+
+    def gated(requests, reply=True):
+        passes.append(len(requests))
+        assert gate.wait(60)
+        return add_many(requests, reply)
+
+    monkeypatch.setattr(bot, "add_many", gated)
+    history = [{"role": "user", "name": "Ann", "content": "who wrote Dune?"},
+               {"role": "assistant", "content": "(response) Frank Herbert."}]
+    msgs = [("c0", "Ana", "hello all", True)] + [(f"c{k}", f"U{k}", f"message {k}", k % 3 == 0)
+                                                 for k in range(1, 9)] + [("c0", "Ben", "assistant?", False),
+                                                                          ("c5", "Cy", "and then?", True)]
+    with running(app) as url, ThreadPoolExecutor(12) as pool:
+        def post(cid, name, content, force):
+            r = httpx.post(f"{url}/v1/conversations/{cid}/messages", timeout=120,
+                           json={"name": name, "content": content, "force": force})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        def complete():
+            r = httpx.post(f"{url}/v1/chat/completions", timeout=120,
+                           json={"messages": history + [{"role": "user", "name": "Bo", "content": "and Emma?"}]})
+            assert r.status_code == 200, r.text
+            return r.json()["chimein"]
+
+        first = pool.submit(post, *msgs[0])
+        deadline = time.monotonic() + 60
+        while passes != [1] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        rest = [pool.submit(post, *m) for m in msgs[1:-1]] + [pool.submit(complete)]
+        while len(app.state.batcher.waiting) < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        rest.insert(-1, pool.submit(post, *msgs[-1]))
+        while len(app.state.batcher.waiting) < 11 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.set()
+        answers = [first.result()] + [f.result() for f in rest]
+        health = httpx.get(f"{url}/healthz").json()
+    assert passes == [1, 10, 1]
+    assert health["mean_batch"] == 4.0 and health["conversations"] == 9
+    monkeypatch.undo()
+    from chimein.assistant import ConversationState
+    from chimein.conversation import parse_conversation
+
+    states: dict[str, ConversationState] = {}
+    for (cid, name, content, force), got in zip(msgs, answers):
+        bot.use(states.setdefault(cid, ConversationState()))
+        d = bot.add(name, content, force=force)
+        assert (got["speak"], got["response"]) == (d.speak, d.response)
+        assert got["p_speak"] == pytest.approx(d.p_speak, abs=1e-4)
+    raw = [{**m, "content": m["content"].removeprefix("(response) ")} for m in history]
+    bot.use(ConversationState(list(parse_conversation(raw).messages)))
+    d = bot.add("Bo", "and Emma?")
+    assert answers[-1]["speak"] == d.speak and answers[-1]["p_speak"] == pytest.approx(d.p_speak, abs=1e-4)
