@@ -273,12 +273,14 @@ def train(
     publish: Annotated[str, typer.Option(help="'local' (store/adapters/NAME) or 'hub:ORG/NAME'.", callback=_publish_target)] = "local",
     output_dir: Annotated[Optional[str], typer.Option(help="Checkpoints go to OUTPUT_DIR/RUN_NAME/.")] = None,
     allow_cpu: Annotated[bool, typer.Option(help="Train a preset that needs a GPU (the 7B ones) on this machine without CUDA anyway.")] = False,
+    processes: Annotated[Optional[int], typer.Option(min=1, help="Train on N processes (DDP, launched by torchrun): on a GPU host one per GPU, at most the GPUs it has; else CPU processes. The global batch stays per-device × accumulation (each process accumulates 1/N of it). Resume with the same N.")] = None,
 ) -> None:
     """QLoRA-train an adapter on a dataset version; track it in MLflow; publish the adapter."""
     from pydantic import ValidationError
 
     from chimein import adapters, tracking
     from chimein.dataset import hub_repo
+    from chimein.distributed import DistributedTrainingError, check_processes
     from chimein.presets import HardwareError, PadTokenError, check_hardware, load_preset
     from chimein.training import TrainingGuardError, load_train_config, train as run
 
@@ -286,13 +288,15 @@ def train(
     try:
         cfg = load_train_config(config, model=model, dataset=dataset, output_dir=output_dir,
                                 **{"trainer.max_steps": max_steps, "quantization.compute_dtype": dtype,
-                                   "quantization.load_in_4bit": False if no_4bit else None})
+                                   "quantization.load_in_4bit": False if no_4bit else None,
+                                   "trainer.processes": processes})
         check_hardware(load_preset(cfg.model), allow_cpu)  # before any download
+        check_processes(cfg.trainer.processes, cfg.trainer.gradient_accumulation_steps)
         result = run(cfg, resume=resume)
         where = (adapters.publish_local(result.adapter_dir, result.run_name) if repo is None
                  else adapters.publish_hub(result.adapter_dir, repo))
     except (ValidationError, FileNotFoundError, FileExistsError, HardwareError, PadTokenError,
-            PermissionError, TrainingGuardError, ValueError) as e:
+            PermissionError, TrainingGuardError, ValueError, DistributedTrainingError) as e:
         _fail(str(e))
     table = Table("", "", title=f"trained {result.run_name}")
     table.add_row("MLflow run", f"{result.run_id} ({result.tracking_uri})")
@@ -404,6 +408,8 @@ def serve(
     max_cache_mb: Annotated[float, typer.Option(help="Memory of the conversations' KV caches; beyond it the least recently used lose their cache (not their messages) and are re-fed on their next message.")] = 2048,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body (413 beyond).")] = 2,
     max_messages: Annotated[int, typer.Option(help="Most messages in one /v1/chat/completions request (422 beyond).")] = 4096,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most messages (of different conversations) decided together in one batched forward pass; 1 decides one request at a time.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply, in tokens.")] = 96,
 ) -> None:
     """Serve the assistant over HTTP (conversation API and an OpenAI-style endpoint)."""
     import uvicorn
@@ -411,10 +417,12 @@ def serve(
     from chimein.server import create_app
 
     bot = _load_assistant(adapter, base, chattiness)
+    bot.max_new_tokens = max_new_tokens
     console.print(f"serving on http://{host}:{port} "
                   f"(POST /v1/conversations/ID/messages, POST /v1/chat/completions)", soft_wrap=True)
     app = create_app(bot, max_conversations, max_cache_mb=max_cache_mb,
-                     max_body_bytes=int(max_body_mb * 2**20), max_messages=max_messages)
+                     max_body_bytes=int(max_body_mb * 2**20), max_messages=max_messages,
+                     max_batch=max_batch)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
@@ -550,6 +558,9 @@ def up(
     directory: Annotated[Path, typer.Option("--dir", help="Databases, artifacts, logs and pids.")] = Path(".stack"),
     prefect_port: Annotated[int, typer.Option(help="Prefect server port.")] = 4200,
     mlflow_port: Annotated[int, typer.Option(help="MLflow server port.")] = 5000,
+    workers: Annotated[int, typer.Option(
+        min=0, help="One worker per GPU 0..N-1, each pinned to its GPU and its `gpu:N` slot; 0: one "
+        "worker that sees every GPU.")] = 0,
 ) -> None:
     """Start the local stack: Prefect and MLflow servers, the GPU work pool, deployments, a worker."""
     from chimein.stack import up as start
@@ -557,7 +568,7 @@ def up(
     stack = _stack(directory, prefect_port, mlflow_port)
     with err.status("starting the local stack"):
         try:
-            status = start(stack)
+            status = start(stack, workers)
         except RuntimeError as e:
             _fail(str(e))
     for name, state in status.items():
@@ -565,6 +576,25 @@ def up(
     console.print(f"Prefect UI  http://127.0.0.1:{prefect_port}\nMLflow UI   {stack.mlflow_uri}\n"
                   f"export PREFECT_API_URL={stack.prefect_api} MLFLOW_TRACKING_URI={stack.mlflow_uri}",
                   soft_wrap=True)
+
+
+@app.command()
+def worker(
+    gpu: Annotated[int, typer.Option(min=0, help="The GPU it runs on (CUDA_VISIBLE_DEVICES) and whose "
+                                     "`gpu:N` slot its trainings hold.")],
+    directory: Annotated[Path, typer.Option("--dir", help="The stack's directory.")] = Path(".stack"),
+    prefect_port: Annotated[int, typer.Option(help="The stack's Prefect server port.")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="The stack's MLflow server port.")] = 5000,
+) -> None:
+    """Add a worker for one GPU to the running local stack (`chimein up`); `chimein down` stops it."""
+    from chimein.stack import worker as start_worker
+
+    stack = _stack(directory, prefect_port, mlflow_port)
+    try:
+        state = start_worker(stack, gpu)
+    except (RuntimeError, OSError) as e:
+        _fail(f"{e} (is the stack up? `chimein up --dir {directory}`)")
+    console.print(f"worker-gpu{gpu}: {state}")
 
 
 @app.command()

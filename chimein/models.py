@@ -140,7 +140,9 @@ def load_base_model(preset: ModelPreset, quant: QuantSettings, tokenizer, attn_i
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
             bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=quant.double_quant)
-        kwargs["device_map"] = {"": 0 if torch.cuda.is_available() else "cpu"}
+        # 4-bit weights are placed as they load and cannot move after: on the rank's own GPU under
+        # several processes (LOCAL_RANK, set by torchrun), else the first
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0)) if torch.cuda.is_available() else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(model_source(preset, need_weights=True), **kwargs)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # pad policy 'add'
         model.resize_token_embeddings(len(tokenizer))

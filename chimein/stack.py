@@ -7,6 +7,14 @@ runs in its own process group, recorded in its pid file with the leader's start 
 is not ours) and its port: `down` stops the whole group, also when the leader died or is a zombie,
 and checks that the port is free; `up` refuses a port that something else holds, and keeps the
 deployments and schedules a user paused.
+
+Several GPUs: `up(stack, workers=N)` (`chimein up --workers N`) starts one worker per GPU 0..N-1
+instead of the single unpinned one, and `worker(stack, gpu)` (`chimein worker --gpu N`) adds one.
+Worker N sees only its GPU (CUDA_VISIBLE_DEVICES=N), takes one flow run at a time (`--limit 1`),
+and the training of its flow runs holds the Prefect global concurrency limit `gpu:N` (one slot,
+created here; tasks.model.gpu_slot). Two runs triggered at once thus run side by side, one per
+GPU, and a second worker started on the same GPU by mistake waits for the slot instead of sharing
+the card. The pool's concurrency limit follows the number of workers.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from contextlib import suppress
 from dataclasses import dataclass
@@ -151,13 +161,13 @@ def _check_port(stack: Stack, name: str, port: int, option: str) -> None:
 
 
 def _start(stack: Stack, name: str, cmd: list[str], port: int | None = None, health: str | None = None,
-           timeout_s: float = 120) -> str:
+           timeout_s: float = 120, env: dict[str, str] | None = None) -> str:
     pid_file = stack.root / f"{name}.pid"
     log = stack.root / f"{name}.log"
     state = "running"
     if not _group(_read(pid_file)):
         with open(log, "ab") as out:
-            proc = subprocess.Popen(cmd, env=stack.env(), stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+            proc = subprocess.Popen(cmd, env=stack.env() | (env or {}), stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
                                     start_new_session=True)  # its own group: `down` stops children too
         pid_file.write_text(json.dumps(
             {"pid": proc.pid, "started": psutil.Process(proc.pid).create_time(), "port": port}))
@@ -207,8 +217,47 @@ def _keep_paused(stack: Stack, before: dict[str, tuple[bool, list[dict]]]) -> No
                 _api(stack, "PATCH", f"/deployments/{d['id']}/schedules/{s['id']}", {"active": False})
 
 
-def up(stack: Stack) -> dict[str, str]:
-    """Start (or find running) the servers, create the pool, deploy, start a worker."""
+def _workers(stack: Stack) -> list[str]:
+    """The stack's workers that have a pid file: `worker` (unpinned) and `worker-gpuN`."""
+    pinned = sorted(p.stem for p in stack.root.glob("worker-gpu*.pid"))
+    return ["worker", *sorted(pinned, key=lambda name: int(name.removeprefix("worker-gpu")))]
+
+
+def _gpu_limit(stack: Stack, gpu: int) -> None:
+    """The global concurrency limit `gpu:N` with one slot: created, or set back to one slot and
+    active (idempotent; slots a running training holds are kept)."""
+    name = f"gpu:{gpu}"
+    try:
+        _api(stack, "POST", "/v2/concurrency_limits/", {"name": name, "limit": 1, "active": True})
+    except urllib.error.HTTPError as e:
+        if e.code != 409:  # 409: it exists
+            raise
+        _api(stack, "PATCH", f"/v2/concurrency_limits/{urllib.parse.quote(name)}", {"limit": 1, "active": True})
+
+
+def _pool_limit(stack: Stack) -> None:
+    """One flow run per worker at a time: the pool takes as many as there are workers."""
+    running = sum(_alive(stack.root / f"{name}.pid") for name in _workers(stack))
+    _prefect(stack, "work-pool", "set-concurrency-limit", stack.pool, str(max(running, 1)))
+
+
+def worker(stack: Stack, gpu: int | None = None) -> str:
+    """Start (or find running) a worker on the stack's pool: pinned to GPU `gpu` and its slot
+    `gpu:N`, or (None) the unpinned one, which sees every GPU and holds no slot."""
+    name, env = "worker", {}
+    if gpu is not None:
+        _gpu_limit(stack, gpu)
+        name, env = f"worker-gpu{gpu}", {"CUDA_VISIBLE_DEVICES": str(gpu), "CHIMEIN_GPU": str(gpu)}
+    state = _start(stack, name, [
+        sys.executable, "-m", "prefect", "worker", "start", "--pool", stack.pool, "--type", "process",
+        "--name", f"chimein-{name}", "--limit", "1"], env=env)
+    _pool_limit(stack)
+    return state
+
+
+def up(stack: Stack, workers: int = 0) -> dict[str, str]:
+    """Start (or find running) the servers, create the pool, deploy, start a worker; `workers`
+    N > 0: one per GPU 0..N-1 instead, each pinned to its GPU and slot."""
     stack.root.mkdir(parents=True, exist_ok=True)
     _check_port(stack, "prefect-server", stack.prefect_port, "--prefect-port")
     _check_port(stack, "mlflow-server", stack.mlflow_port, "--mlflow-port")
@@ -228,15 +277,16 @@ def up(stack: Stack) -> dict[str, str]:
     (stack.root / "process-pool.json").write_text(json.dumps(job))
     _prefect(stack, "work-pool", "create", stack.pool, "--type", "process", "--overwrite",
              "--base-job-template", str(stack.root / "process-pool.json"))
-    _prefect(stack, "work-pool", "set-concurrency-limit", stack.pool, "1")  # one training per GPU
     paused = _paused(stack)
     _prefect(stack, "deploy", "--prefect-file", str(REPO / "infra" / "prefect.yaml"), "--all")
     _keep_paused(stack, paused)
-    status["worker"] = _start(stack, "worker", [
-        sys.executable, "-m", "prefect", "worker", "start", "--pool", stack.pool, "--type", "process"])
+    if workers:
+        status |= {f"worker-gpu{gpu}": worker(stack, gpu) for gpu in range(workers)}
+    else:
+        status["worker"] = worker(stack)
     return status
 
 
 def down(stack: Stack) -> dict[str, str]:
-    """Stop the worker and the servers, each a whole process group (SIGTERM, then SIGKILL)."""
-    return {name: _stop(stack.root / f"{name}.pid") for name in ("worker", "mlflow-server", "prefect-server")}
+    """Stop the workers and the servers, each a whole process group (SIGTERM, then SIGKILL)."""
+    return {name: _stop(stack.root / f"{name}.pid") for name in (*_workers(stack), "mlflow-server", "prefect-server")}

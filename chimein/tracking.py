@@ -76,12 +76,19 @@ def source_tags(name: str, kind: str = "LOCAL") -> dict[str, str]:
 
 def experiment_id(client, name: str = DEFAULT_EXPERIMENT) -> str:
     """The experiment's id, created on first use; either way of the machine-learning kind."""
+    from mlflow.exceptions import MlflowException
+
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name, tags={
-            EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1],
-            NOTE: "chimein: QLoRA training runs of the group-chat assistant, their evaluations "
-                  "(bench.*, heldout.*) and preset comparisons (parent runs named compare--…)."})
+        try:
+            return client.create_experiment(name, tags={
+                EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1],
+                NOTE: "chimein: QLoRA training runs of the group-chat assistant, their evaluations "
+                      "(bench.*, heldout.*) and preset comparisons (parent runs named compare--…)."})
+        except MlflowException:  # another worker created it meanwhile
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
     if EXPERIMENT_KIND[0] not in experiment.tags:  # made before chimein set it; a kind chosen in the UI stays
         client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
     return experiment.experiment_id

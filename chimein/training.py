@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -30,7 +31,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from chimein import tracking
+from chimein import distributed, tracking
 from chimein.adapters import adapter_meta
 from chimein.assistant import DEFAULT_CHATTINESS
 # model loading lives in chimein.models; QuantSettings, load_base_model and resolve_compute_dtype
@@ -73,6 +74,11 @@ class TrainerSettings(BaseModel):
     save_total_limit: int = 2
     logging_steps: int = 1
     seed: int = 42
+    processes: int = Field(1, ge=1, description="Training processes (DDP through torchrun; chimein/"
+                           "distributed.py): one per GPU on a GPU host, CPU processes otherwise. The "
+                           "global batch stays per_device_train_batch_size × gradient_accumulation_steps: "
+                           "each process accumulates gradient_accumulation_steps / processes. Not part "
+                           "of the run's settings hash; a checkpoint resumes only on as many processes.")
     collapse_patience: int = Field(3, gt=0, description="Stop after this many consecutive logged losses of exactly 0.0 or NaN/inf.")
 
 
@@ -257,7 +263,9 @@ def sft_args(cfg: TrainConfig, out_dir: str | Path, max_length: int, dtype, devi
     t = cfg.trainer
     return SFTConfig(
         output_dir=str(out_dir), per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        # per rank: the global batch is per-device × gradient_accumulation_steps on any number of processes
+        gradient_accumulation_steps=distributed.per_rank_accumulation(t.gradient_accumulation_steps,
+                                                                      distributed.world_size()),
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type,
@@ -266,7 +274,12 @@ def sft_args(cfg: TrainConfig, out_dir: str | Path, max_length: int, dtype, devi
         save_steps=t.save_steps, save_total_limit=t.save_total_limit, logging_steps=t.logging_steps,
         seed=t.seed, data_seed=t.seed, max_length=max_length, bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16, report_to="none", disable_tqdm=not progress,
-        include_num_input_tokens_seen=True, dataset_num_proc=None, use_cpu=device == "cpu")
+        include_num_input_tokens_seen=True, dataset_num_proc=None, use_cpu=device == "cpu",
+        # several processes: gloo on CPUs (accelerate would pick MPI where torch has it, which torchrun
+        # does not set up), NCCL on GPUs; every LoRA weight gets a gradient each step, so DDP need not
+        # search the graph for unused ones (the Trainer's default for a PEFT model)
+        ddp_backend="gloo" if device == "cpu" and distributed.world_size() > 1 else None,
+        ddp_find_unused_parameters=False)
 
 
 def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, args, dtype, callbacks=()):
@@ -336,7 +349,9 @@ def progress_log(log, every_s: float = 10.0):
             log.info(f"step {state.global_step}/{state.max_steps}  loss {loss:.4f}  "
                      f"{rate:,.0f} tokens/s  ETA {duration(eta)}")
 
-    return ProgressLog()
+    callback = ProgressLog()
+    callback.relay_to = log  # under several processes, rank 0's progress lines go to `log` (distributed.launch)
+    return callback
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -419,15 +434,25 @@ class TrainResult:
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbacks=(),
           parent_run_id: str | None = None, data: TokenizedData | None = None,
-          tags: dict[str, str] | None = None) -> TrainResult:
+          tags: dict[str, str] | None = None) -> TrainResult | None:
     """Train one adapter, in the steps of the module docstring. Reruns with resume=True continue
     the same MLflow run from the last checkpoint in OUTPUT_DIR/RUN_NAME/. `parent_run_id`: a
     comparison's run, whose experiment the run joins. `data`: the train split already tokenized
     for this preset, dataset version and max length (else it is tokenized here). `tags`: more
-    run tags (the Prefect flow run's link and source, tasks.model.flow_run_tags)."""
+    run tags (the Prefect flow run's link and source, tasks.model.flow_run_tags).
+
+    trainer.processes > 1: launched on that many processes (chimein/distributed.py), rank 0's
+    result returned. Inside a rank, only rank 0 logs to MLflow and saves, calibrates and registers
+    the adapter; the other ranks train and return None."""
     from datasets import disable_progress_bars
     from transformers import set_seed
 
+    if cfg.trainer.processes > 1 and distributed.world_size() == 1:
+        return distributed.launch(cfg, resume, progress, callbacks, parent_run_id, data, tags)
+    if distributed.world_size() != cfg.trainer.processes:
+        raise ValueError(f"this process is one of {distributed.world_size()} (WORLD_SIZE) but "
+                         f"trainer.processes is {cfg.trainer.processes}: launch several processes with "
+                         f"`chimein train --processes N`, not torchrun or accelerate around it")
     disable_progress_bars()
     # 1. data
     preset, ds, data = prepare_data(cfg, data)
@@ -435,18 +460,21 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbac
     plan = plan_run(cfg, preset, data.version, resume)
     if plan.finished is not None:
         return plan.finished
-    client = tracking.client()
-    with start_or_resume_run(client, cfg, data, ds, plan, parent_run_id, tags) as run:
-        run_id = run.info.run_id
+    main = distributed.is_main()  # rank 0 (or the only process): the one MLflow run, the adapter
+    client = tracking.client() if main else None
+    with start_or_resume_run(client, cfg, data, ds, plan, parent_run_id, tags) if main else nullcontext() as run:
+        run_id = run.info.run_id if main else None
         # 3. model (seeded first: LoRA's A matrices are initialised at random)
         set_seed(cfg.trainer.seed)
         model, tokenizer = load_model(cfg, preset)
         # 4. train
         args = sft_args(cfg, plan.out_dir, data.max_length, plan.dtype, plan.device, progress)
         trainer = build_trainer(cfg, model, tokenizer, train_dataset(cfg, data), args, plan.dtype, callbacks=[
-            tracking.mlflow_logger(client, run_id),
+            *([tracking.mlflow_logger(client, run_id)] if main else []),
             loss_guard(cfg.trainer.collapse_patience, str(plan.dtype)), *callbacks])
         result = trainer.train(resume_from_checkpoint=plan.checkpoint)
+        if not main:
+            return None
         # 5. adapter, with its chattiness threshold
         chattiness = save_and_calibrate(cfg, trainer, tokenizer, preset, ds, data.version, plan.out_dir)
         # 6. publish: registered model, artifacts, chimein.json
@@ -491,7 +519,9 @@ def plan_run(cfg: TrainConfig, preset: ModelPreset, version: str, resume: bool) 
     import torch
     from transformers.trainer_utils import get_last_checkpoint
 
-    settings = json.dumps(cfg.model_dump(exclude={"output_dir", "dataset", "model"}), sort_keys=True)
+    # the number of processes is not a setting: the global batch is the same on any number
+    settings = json.dumps(cfg.model_dump(exclude={"output_dir": True, "dataset": True, "model": True,
+                                                  "trainer": {"processes"}}), sort_keys=True)
     name = f"{preset.name}--{version}--{hashlib.sha256(settings.encode()).hexdigest()[:6]}"
     out_dir = Path(cfg.output_dir) / name
     if not resume and out_dir.exists():
@@ -509,6 +539,8 @@ def plan_run(cfg: TrainConfig, preset: ModelPreset, version: str, resume: bool) 
             meta["mlflow_run_id"], name, done.parent, version, meta["hyperparameters"]["steps"],
             meta["metrics"]["train_loss"], meta["metrics"]["labelled_tokens"], None, tracking_uri(),
             meta["registered"], finished_earlier=True, chattiness=meta.get("chattiness"))
+    else:
+        distributed.check_resume(plan.checkpoint, cfg.trainer.processes)
     out_dir.mkdir(parents=True, exist_ok=True)
     return plan
 
@@ -614,13 +646,17 @@ def register_and_log(client, run_id: str, cfg: TrainConfig, trainer, tokenizer, 
         description=(f"{preset.name} adapter trained on {data.version}: {steps} steps, train loss "
                      f"{train_loss:.3f}; chattiness {chattiness['threshold']:.3f} ({chattiness['source']}). "
                      f"Run {plan.name}."))
-    mlflow.log_artifact(str(tracking.loss_plot(client, {preset.name: run_id}, plan.out_dir / "loss_curve.png")))
+    try:
+        mlflow.log_artifact(str(tracking.loss_plot(client, {preset.name: run_id}, plan.out_dir / "loss_curve.png")))
+    except ImportError:  # mlflow-skinny installs come without matplotlib: the metric is logged anyway
+        pass
     adapter_dir = plan.out_dir / "adapter"
     mlflow.log_artifacts(str(adapter_dir), "adapter")
     hyper = {"lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha, "lora.dropout": cfg.lora.dropout,
              "quantization": cfg.quantization.quant_type if cfg.quantization.load_in_4bit else "none",
              "compute_dtype": str(plan.dtype).removeprefix("torch."), "learning_rate": t.learning_rate,
              "batch": f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps}",
+             "processes": t.processes,
              "steps": steps, "max_length": data.max_length}
     done = adapter_dir / "chimein.json"
     done.write_text(json.dumps(

@@ -28,6 +28,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from chimein import tracking
 from chimein.dataset import PublishTarget
+from chimein.distributed import check_processes
 from chimein.evaluation import HEADLINE_METRICS
 from chimein.generation import GenerationSettings, load_generation_config, seed_for_date
 from chimein.paths import train_config_path
@@ -58,6 +59,9 @@ class RetrainParams(BaseModel):
     train_config: str | None = Field(
         "offline-cpu", description="conf/train/NAME.yaml or a path; None: the method's defaults.")
     max_steps: int | None = Field(None, description="Override the optimizer steps.")
+    processes: int = Field(1, ge=1, description="Train on N processes (DDP): on a GPU worker one per "
+                           "GPU, at most its GPUs. The global batch stays the config's (each process "
+                           "accumulates 1/N of it), so N only changes the speed.")
     benchmark: bool = Field(True, description="Score the adapter on the shipped benchmark (bench.*); "
                             "only that decides promotion.")
     benchmark_limit: int | None = Field(
@@ -98,6 +102,8 @@ def retrain(params: RetrainParams = RetrainParams(), parent_run_id: SkipJsonSche
 
     # hardware: a preset that needs a GPU stops here on a CPU worker, before any API call or download
     check_hardware(load_preset(params.preset), params.allow_cpu)
+    check_processes(params.processes, load_train_config(train_config_path(params.train_config), dataset="")
+                    .trainer.gradient_accumulation_steps)  # at most one per GPU; dividing the accumulation
 
     # data: cached on inputs + code, so a rerun spends no API call; a nightly run seeds by date
     generation = params.generation.model_dump()
@@ -114,11 +120,11 @@ def retrain(params: RetrainParams = RetrainParams(), parent_run_id: SkipJsonSche
     # model: one MLflow run, its id passed explicitly from task to task
     train_config = load_train_config(train_config_path(params.train_config), model=params.preset,
                                      dataset=dataset, output_dir=params.output_dir,
-                                     **{"trainer.max_steps": params.max_steps})
+                                     **{"trainer.max_steps": params.max_steps, "trainer.processes": params.processes})
     # preprocessing: token rows + masks for this preset and dataset version, cached on both
     tokenized = tokenize_dataset.with_options(refresh_cache=params.refresh)(
         load_preset(train_config.model), dataset, train_config.max_length)
-    result = train_adapter(train_config, parent_run_id, tokenized)
+    result = train_adapter(train_config, parent_run_id, tokenized)  # processes > 1: rank 0's progress still reaches this log
 
     # evaluation: the shipped benchmark decides promotion; the held-out split is a quick check
     bench = evaluate_adapter(result, "benchmark", chattiness=params.chattiness,

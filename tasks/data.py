@@ -3,11 +3,17 @@
 A cache hit names a file or a dataset version, so it is only as good as that artifact: the cache
 lives in the store beside the datasets (`make clean` deletes both), and a record whose artifact
 was deleted is passed over, so the task runs again (generation then resumes its ledger: only
-conversations that are gone are paid for again)."""
+conversations that are gone are paid for again).
+
+Two flow runs that want the same data at once (two workers, two runs triggered together) take
+turns: each cached task holds a lock on its cache key while it runs (Prefect's SERIALIZABLE cache
+isolation), so one run makes the file or dataset version and the other waits, then reuses it; no
+two runs write the same file, and no request is paid for twice."""
 
 from __future__ import annotations
 
 import hashlib
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +22,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
+from prefect.locking.filesystem import FileSystemLockManager
 
 from chimein.dataset import build_dataset, publish_dataset, store_dir
 from chimein.generation import ClientError, GenerationAborted, GenerationConfig, MissingAPIKey, generate
@@ -23,6 +30,43 @@ from chimein.generation import ClientError, GenerationAborted, GenerationConfig,
 # not ~/.prefect/storage, which outlives the files its records name (a Path: Prefect makes it a
 # LocalFileSystem, resolved against the working directory at run time, like the store itself)
 CACHE = store_dir() / "prefect-cache"
+
+
+class StoreLocks(FileSystemLockManager):
+    """Prefect's lock files (one per cache key being computed), kept relative like CACHE, with two
+    fixes for runs in several processes: a lock whose holder process is gone (a worker killed
+    mid-generation) is free, not held for ever; a lock file another process has created but not
+    yet written is held, not an error."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.lock_files_directory = directory  # not resolved at import: the store is cwd-relative
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        try:
+            info = self._get_lock_info(key, use_cache=use_cache)
+        except ValueError:  # created, its holder not written yet
+            return True
+        if info is None:
+            return False
+        if _holder_gone(info["holder"]):
+            Path(info["path"]).unlink(missing_ok=True)
+            self._locks.pop(key, None)
+            return False
+        return True  # the cache keys' locks have no expiry (Prefect acquires them without one)
+
+
+def _holder_gone(holder: str) -> bool:
+    """A holder is `host:pid:thread…` (ResultStore.generate_default_holder)."""
+    import psutil
+
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    return host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid))
+
+
+# the cached tasks' isolation: one computation per cache key at a time, the others wait and reuse it
+ONE_AT_A_TIME = {"isolation_level": "SERIALIZABLE", "lock_manager": StoreLocks(CACHE / "locks")}
 
 
 @dataclass(kw_only=True)
@@ -74,8 +118,8 @@ def retry_io(task, task_run, state) -> bool:
 
 
 # Cached on the config and this code: rerunning with the same parameters makes no API call.
-@task(cache_policy=WhileArtifactExists(policy=INPUTS + TASK_SOURCE, exists=lambda out: Path(out).is_file()),
-      result_storage=CACHE, persist_result=True, retries=2, retry_delay_seconds=[30, 120],
+@task(cache_policy=WhileArtifactExists(policy=INPUTS + TASK_SOURCE, exists=lambda out: Path(out).is_file())
+      .configure(**ONE_AT_A_TIME), result_storage=CACHE, persist_result=True, retries=2, retry_delay_seconds=[30, 120],
       retry_condition_fn=retry_io)
 def generate_conversations(config: GenerationConfig, out_dir: str, fresh: bool = False) -> str:
     """fresh: start over (pays for every request again) instead of resuming the file."""
@@ -97,7 +141,7 @@ def generate_conversations(config: GenerationConfig, out_dir: str, fresh: bool =
 
 # Cached on the conversations' content (not only their path), the split settings and this code.
 @task(cache_policy=WhileArtifactExists(policy=INPUTS + TASK_SOURCE + FileContent(name="data"),
-                                      exists=dataset_exists),
+                                      exists=dataset_exists).configure(**ONE_AT_A_TIME),
       result_storage=CACHE, persist_result=True, retries=2, retry_delay_seconds=60,
       retry_condition_fn=retry_io)
 def build_and_publish_dataset(data: str, publish: str = "local", test_fraction: float = 0.1,

@@ -1,9 +1,19 @@
 """Model tasks: train (a retry resumes the same MLflow run), evaluate, publish, promote.
 
 Each MLflow run made in a flow run links to it (`flow_run_tags`), and each training run to its
-MLflow page (the `mlflow-run` link artifact, with a tracking server)."""
+MLflow page (the `mlflow-run` link artifact, with a tracking server).
+
+Several workers: training holds the concurrency slot of the worker's GPU (`gpu_slot`), and a flow
+run trains in its own output directory while another trains the same thing (`claim_output_dir`)."""
 
 from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import os
+from contextlib import contextmanager
+from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -28,7 +38,52 @@ def flow_run_tags() -> dict[str, str]:
             **tracking.source_tags(f"prefect flow {flow_run.flow_name}", "JOB")}
     if ui := get_current_settings().ui_url:
         tags["prefect.flow_run_url"] = f"{ui.rstrip('/')}/flow-runs/flow-run/{flow_run.id}"
+    if worker := os.environ.get("PREFECT__WORKER_NAME"):  # set by the worker that started this run
+        tags["prefect.worker_name"] = worker
+    if (gpu := os.environ.get("CHIMEIN_GPU")) is not None:
+        tags |= {"chimein.gpu_slot": f"gpu:{gpu}", "chimein.cuda_visible_devices":
+                 os.environ.get("CUDA_VISIBLE_DEVICES", "")}
     return tags
+
+
+@contextmanager
+def gpu_slot():
+    """Hold the concurrency slot `gpu:N` of the GPU this worker is pinned to (`chimein worker --gpu
+    N` sets CHIMEIN_GPU=N and CUDA_VISIBLE_DEVICES=N, and creates the limit with one slot): one
+    training per GPU, whichever worker, pool or deployment starts it. Outside such a worker
+    (`make run`, `chimein up` without --workers) there is nothing to hold."""
+    from prefect.concurrency.sync import concurrency
+
+    gpu = os.environ.get("CHIMEIN_GPU")
+    if gpu is None:
+        yield None
+        return
+    # strict: a missing limit would silently limit nothing; `chimein worker --gpu N` creates it
+    with concurrency(f"gpu:{gpu}", occupy=1, strict=True):
+        yield f"gpu:{gpu}"
+
+
+@contextmanager
+def claim_output_dir(config: TrainConfig):
+    """The config to train with, its output directory held by this flow run while it trains.
+    The same preset, data and settings train in OUTPUT_DIR/RUN_NAME/, so a rerun resumes or reuses
+    that run; while another flow run trains the very same thing (two identical runs triggered at
+    once, on two workers), this one trains apart, in OUTPUT_DIR/flow-runs/FLOW_RUN_ID/RUN_NAME/,
+    with its own checkpoints and MLflow run. The claim is an OS file lock on this host: a killed
+    run leaves nothing held."""
+    from prefect.runtime import flow_run
+
+    settings = config.model_dump_json(exclude={"output_dir": True, "trainer": {"processes"}})
+    claims = Path(config.output_dir) / ".claims"
+    claims.mkdir(parents=True, exist_ok=True)
+    with open(claims / f"{hashlib.sha256(settings.encode()).hexdigest()[:16]}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield config.model_copy(update={
+                "output_dir": str(Path(config.output_dir) / "flow-runs" / (flow_run.id or str(os.getpid())))})
+        else:
+            yield config  # closing the file releases the lock
 
 
 def link_mlflow_run(run_id: str, what: str = "the MLflow run") -> None:
@@ -43,9 +98,13 @@ def train_adapter(config: TrainConfig, parent_run_id: str | None = None,
     """tokenized: the train split's token rows (tasks.preprocess.tokenize_dataset), else
     tokenized here. Progress goes to the flow run's log."""
     # resume=True: a Prefect retry continues from the last checkpoint in the same MLflow run
-    result = train(config, resume=True, progress=False, parent_run_id=parent_run_id,
-                   data=TokenizedData.load(tokenized) if tokenized else None, tags=flow_run_tags(),
-                   callbacks=[progress_log(get_run_logger())])
+    with gpu_slot(), claim_output_dir(config) as claimed:
+        result = train(claimed, resume=True, progress=False, parent_run_id=parent_run_id,
+                       data=TokenizedData.load(tokenized) if tokenized else None, tags=flow_run_tags(),
+                       callbacks=[progress_log(get_run_logger())])
+    if claimed is not config:  # trained apart: its own name too, so it publishes as its own adapter
+        result = dataclasses.replace(result, run_name=f"{result.run_name}--{claimed.output_dir[-8:]}")
+        tracking.client().update_run(result.run_id, name=result.run_name)
     create_markdown_artifact(key="training", description="training summary", markdown=(
         f"### {result.run_name}\n\n| | |\n|---|---|\n| MLflow run | `{result.run_id}` |\n"
         f"| steps | {result.steps} |\n| train loss | {result.final_loss:.4f} |\n"

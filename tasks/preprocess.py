@@ -22,15 +22,15 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from chimein.dataset import resolve_dataset, store_dir
 from chimein.presets import ModelPreset
 from chimein.training import tokenize_train_split
-from tasks.data import CACHE, WhileArtifactExists
+from tasks.data import CACHE, ONE_AT_A_TIME, WhileArtifactExists
 
 
 def tokenized_exists(path: str) -> bool:
     return (Path(path) / "tokenized.json").is_file()  # written last
 
 
-@task(cache_policy=WhileArtifactExists(policy=INPUTS + TASK_SOURCE, exists=tokenized_exists),
-      result_storage=CACHE, persist_result=True, task_run_name="tokenize-{preset.name}")
+@task(cache_policy=WhileArtifactExists(policy=INPUTS + TASK_SOURCE, exists=tokenized_exists)
+      .configure(**ONE_AT_A_TIME), result_storage=CACHE, persist_result=True, task_run_name="tokenize-{preset.name}")
 def tokenize_dataset(preset: ModelPreset, dataset: str, max_length: int | None = None) -> str:
     """The directory of the token rows (training.TokenizedData) of `dataset`'s train split
     (local:ds-…, hub:ORG/NAME@ds-…) for `preset`; max_length None: the preset's."""
