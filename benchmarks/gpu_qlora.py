@@ -251,6 +251,7 @@ def measure_family(name: str, args, work: Path) -> dict:
         torch.cuda.synchronize() if cuda else None
         prof.disable()
         pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+    out["serving"] = serving(bot, convs, args, cuda) if args.serve_conversations else None
     k = max(len(latencies) // 4, 1)
     out["runtime"] = {"messages": len(latencies), "tokens_in_context": len(bot.state.fed),
                       "latency_ms_p50_first_quarter": 1000 * statistics.median(latencies[1:k + 1]),
@@ -267,6 +268,84 @@ def measure_family(name: str, args, work: Path) -> dict:
     return out
 
 
+def serving(bot, convs, args, cuda: bool) -> dict:
+    """Many conversations at once, as `chimein serve` gets them: N conversations each get a
+    message per round, decided one by one (`add`, a server with --max-batch 1) or together
+    (`add_many`, one packed forward pass per round); then the same with every message answered
+    (a reply of up to 16 tokens, generated together). The first round (each conversation's
+    first message: the whole chat template) is not timed. Returns decisions/s of both, their
+    ratio and the largest p_speak difference."""
+    import torch
+
+    from chimein.assistant import ConversationState
+
+    n, rounds = args.serve_conversations, 4
+    chats = [[m for m in c.messages if m.role == "user"] for c in convs if c.n_user >= rounds][:n]
+    saved = bot.chattiness, bot.max_new_tokens
+    out = {"conversations": len(chats), "rounds_timed": rounds - 1}
+    for mode, chattiness in (("decide", 2.0), ("reply", -1.0)):
+        bot.chattiness, bot.max_new_tokens = chattiness, 16
+        speed, p = {}, {}
+        for how in ("one_by_one", "together"):
+            states = [ConversationState() for _ in chats]
+            elapsed, p[how] = 0.0, []
+            for r in range(rounds):
+                requests = [(st, u[r].name, u[r].content, False) for st, u in zip(states, chats)]
+                t0 = time.perf_counter()
+                if how == "together":
+                    ds = bot.add_many(requests)
+                else:
+                    ds = []
+                    for st, who, text, _ in requests:
+                        bot.use(st)
+                        ds.append(bot.add(who, text))
+                torch.cuda.synchronize() if cuda else None
+                elapsed += (time.perf_counter() - t0) if r else 0.0
+                p[how] += [d.p_speak for d in ds]
+            speed[how] = len(chats) * (rounds - 1) / elapsed
+        out[mode] = {"one_by_one_per_s": speed["one_by_one"], "together_per_s": speed["together"],
+                     "ratio": speed["together"] / speed["one_by_one"],
+                     "max_p_speak_diff": max(abs(a - b) for a, b in zip(p["one_by_one"], p["together"]))}
+        print(f"  serving {mode}: {out[mode]}", flush=True)
+    bot.chattiness, bot.max_new_tokens = saved
+    return out
+
+
+def train_check(args) -> dict:
+    """chimein's own `train()` and `GroupChatAssistant.from_adapter` on this machine's device, as
+    `chimein train` and `chimein serve` run them: a tiny preset in 4-bit NF4 (bf16 compute on a
+    GPU), a few steps, MLflow in a temporary SQLite store; then decisions and a reply on the
+    reloaded adapter. Needs MLflow."""
+    import torch
+
+    from chimein.assets import build_asset
+    from chimein.assistant import GroupChatAssistant
+    from chimein.paths import sample_data
+    from chimein.training import load_train_config, train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        os.environ["CHIMEIN_STORE"] = f"{tmp}/store"
+        build_asset(args.train_check)
+        torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+        t0 = time.perf_counter()
+        cfg = load_train_config(**{"model": args.train_check, "dataset": str(sample_data()),
+                                   "output_dir": f"{tmp}/out", "trainer.max_steps": 4,
+                                   "quantization.load_in_4bit": True})
+        result = train(cfg, progress=False)
+        train_s = time.perf_counter() - t0
+        bot = GroupChatAssistant.from_adapter(str(result.adapter_dir), max_new_tokens=8)
+        d1 = bot.add("Ana", "assistant, who wrote Dune?", force=True)
+        d2 = bot.add("Ben", "thanks!")
+        out = {"preset": args.train_check, "train_s": train_s, "steps": result.steps,
+               "final_loss": result.final_loss, "registered": result.registered,
+               "adapter_dtype_device": bot.describe(),
+               "decisions": [(d.speak, round(d.p_speak, 4), d.response) for d in (d1, d2)],
+               "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}
+        print(f"  train check: {out}", flush=True)
+        return out
+
+
 def main() -> None:
     import torch
 
@@ -281,6 +360,11 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print a cProfile of one decision")
     ap.add_argument("--out", help="write the results as JSON here (after each family)")
     ap.add_argument("--work-dir", help="where the random checkpoints go (default: /dev/shm if large)")
+    ap.add_argument("--serve-conversations", type=int, default=16,
+                    help="conversations decided one by one vs together (0: skip)")
+    ap.add_argument("--train-check", metavar="PRESET",
+                    help="first run chimein's own train() and from_adapter on PRESET (e.g. tiny-zephyr) "
+                         "in 4-bit on this device (needs MLflow)")
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -297,6 +381,14 @@ def main() -> None:
         except importlib.metadata.PackageNotFoundError:
             header[pkg] = None
     print(json.dumps(header), flush=True)
+    if args.train_check:
+        try:
+            header["train_check"] = train_check(args)
+        except Exception as e:  # noqa: BLE001 — reported; the measurements go on
+            import traceback
+
+            traceback.print_exc()
+            header["train_check"] = {"error": f"{type(e).__name__}: {e}"[:500]}
     for name in args.families.split(","):
         left = args.budget_s - (time.perf_counter() - started) if args.budget_s else None
         if left is not None and left < slowest * 1.1:
@@ -334,6 +426,18 @@ def report(header: dict, results: list[dict]) -> None:
         peak = f"{rt['peak_allocated_gb']:.1f}" if rt["peak_allocated_gb"] is not None else "-"
         print(f"{r['preset']:<20}{rt['messages']:>9}{rt['tokens_in_context']:>8}"
               f"{rt['latency_ms_p50_first_quarter']:>14.1f}{rt['latency_ms_p50_last_quarter']:>12.1f}{peak:>9}")
+    served = [r for r in results if r.get("serving")]
+    if served:
+        print(f"\nmany conversations at once ({served[0]['serving']['conversations']} conversations, "
+              "a message each per round): per second, one by one vs together")
+        print(f"{'preset':<20}{'mode':<8}{'one by one':>11}{'together':>10}{'ratio':>7}{'max Δp':>9}")
+        for r in served:
+            for mode in ("decide", "reply"):
+                m = r["serving"][mode]
+                print(f"{r['preset']:<20}{mode:<8}{m['one_by_one_per_s']:>11.2f}{m['together_per_s']:>10.2f}"
+                      f"{m['ratio']:>6.2f}x{m['max_p_speak_diff']:>9.1e}")
+    if "train_check" in header:
+        print(f"\nchimein train() + from_adapter on this device: {header['train_check']}")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ time (today's serial server, `--max-batch 1`) vs messages batched over their own
 For each server (a real `chimein serve` on loopback) and each concurrency C, C clients each own a
 conversation and post its user messages one after the other (a message, wait for the decision,
 the next), all at once; decisions/s is the messages decided over the wall time, and p50/p95 the
-latency a client saw. Both servers get the same conversations (from the bundled corpus), so their
-decisions are compared too: same speak/silence, and the largest difference in p_speak. By default
-the assistant is kept silent (chattiness 2) so the figure is the decision itself; `--chattiness
-0` makes it reply to every message (replies are generated together too).
+latency a client saw. The first `--warm` messages of every conversation are sent before timing
+(its first message feeds the whole chat template, a cost a long-running server rarely pays). Both servers get the same conversations (from the bundled corpus), so their
+decisions are compared too: same speak/silence and reply, and the largest difference in p_speak.
+By default the assistant is kept silent (chattiness 2) so the figure is the decision itself;
+`--chattiness 0` makes it reply to every message (up to `--max-new-tokens`; replies are
+generated together too).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,14 +45,15 @@ def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     model = ["--adapter", args.adapter] if args.adapter else ["--base", args.base]
     cmd = [sys.executable, "-m", "chimein.cli", "serve", *model, "--chattiness", str(args.chattiness),
-           "--port", str(port), "--max-batch", str(max_batch)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+           "--port", str(port), "--max-batch", str(max_batch), "--max-new-tokens", str(args.max_new_tokens)]
+    log = tempfile.TemporaryFile()  # not a pipe: a server that logs much would block on a full one
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
+            log.seek(0)
+            raise SystemExit(f"the server exited: {log.read().decode(errors='replace')[-2000:]}")
         try:
             if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                 return proc, url
@@ -79,9 +83,9 @@ def conversations(n: int, messages: int) -> list[list[tuple[str, str]]]:
     return [[msgs[(k * messages + i) % len(msgs)] for i in range(messages)] for k in range(n)]
 
 
-def drive(url: str, tag: str, convs: list[list[tuple[str, str]]], timeout: float):
-    """Every conversation posted by its own client, all at once. Returns (wall seconds,
-    latencies, decisions by (conversation, message))."""
+def drive(url: str, tag: str, convs: list[list[tuple[str, str]]], timeout: float, first: int = 0):
+    """Every conversation posted by its own client, all at once, from its message `first` on.
+    Returns (wall seconds, latencies, decisions by (conversation, message))."""
     latencies: list[float] = []
     decisions: dict[tuple[int, int], dict] = {}
     errors: list[str] = []
@@ -90,7 +94,7 @@ def drive(url: str, tag: str, convs: list[list[tuple[str, str]]], timeout: float
     def client(k: int) -> None:
         with httpx.Client(base_url=url, timeout=timeout) as http:
             start.wait()
-            for i, (name, content) in enumerate(convs[k]):
+            for i, (name, content) in enumerate(convs[k][first:], first):
                 t = time.perf_counter()
                 r = http.post(f"/v1/conversations/{tag}-{k}/messages", json={"name": name, "content": content})
                 latencies.append(time.perf_counter() - t)
@@ -121,9 +125,14 @@ def main() -> None:
     ap.add_argument("--base", default="smollm2-135m-instruct")
     ap.add_argument("--adapter", default=None, help="a trained adapter instead of the base model")
     ap.add_argument("--concurrency", default="1,4,16")
-    ap.add_argument("--messages", type=int, default=6, help="user messages per conversation")
+    ap.add_argument("--messages", type=int, default=6, help="user messages per conversation, timed")
+    ap.add_argument("--warm", type=int, default=2,
+                    help="messages per conversation sent before timing, one round at a time (a "
+                         "conversation's first message feeds the whole chat template: a server "
+                         "that has run a while mostly sees conversations under way)")
     ap.add_argument("--chattiness", type=float, default=2.0)
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=16, help="longest reply, in tokens")
     ap.add_argument("--timeout", type=float, default=300, help="per request, seconds")
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -133,7 +142,11 @@ def main() -> None:
         try:
             drive(url, f"warm-{mode}", conversations(2, 2), args.timeout)  # first calls pay for setup
             for c in levels:
-                results[mode, c] = drive(url, f"{mode}-{c}", conversations(c, args.messages), args.timeout)
+                convs = conversations(c, args.warm + args.messages)
+                if args.warm:  # the conversations under way, as on a server that has run a while
+                    for first in range(args.warm):
+                        drive(url, f"{mode}-{c}", [conv[:first + 1] for conv in convs], args.timeout, first)
+                results[mode, c] = drive(url, f"{mode}-{c}", convs, args.timeout, args.warm)
                 wall, lat, _ = results[mode, c]
                 print(f"  {mode:>7} · {c:>2} conversations: {c * args.messages / wall:6.2f} decisions/s",
                       flush=True)
@@ -147,7 +160,8 @@ def main() -> None:
 
     model = args.adapter or f"{args.base} (base)"
     print(f"\n{model}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}; "
-          f"{args.messages} messages per conversation, chattiness {args.chattiness}")
+          f"{args.messages} messages per conversation timed after {args.warm} untimed, "
+          f"chattiness {args.chattiness}")
     head = (f"{'conversations':>13} │ {'serial dec/s':>12}{'p50':>8}{'p95':>8} │ {'batched dec/s':>13}{'p50':>8}"
             f"{'p95':>8} │ {'ratio':>6} {'same decisions':>15} {'max Δp':>8} {'spoke':>6}")
     print(head)

@@ -128,11 +128,17 @@ class Batcher:
     conversation's state, or with a key: then `before(key)` gives the state when the message is
     taken and `after(key, state, result)` is called once it is decided (both on the model's
     thread). The thread starts with the first message and ends after `idle_s` without one (so a
-    dropped app does not keep its model alive)."""
+    dropped app does not keep its model alive).
 
-    def __init__(self, bot: GroupChatAssistant, before, after, max_batch: int = 16, idle_s: float = 10.0):
+    Clients answered by one pass send their next messages a moment later: rather than start a
+    pass with the first of them (and the rest wait a whole pass), the thread waits for as many
+    as the recent passes had while they keep coming (each within `gap_s` of the last, `gather_s`
+    at most). A lone conversation never waits."""
+
+    def __init__(self, bot: GroupChatAssistant, before, after, max_batch: int = 16, idle_s: float = 10.0,
+                 gather_s: float = 0.1, gap_s: float = 0.01):
         self.bot, self.before, self.after = bot, before, after
-        self.max_batch, self.idle_s = max_batch, idle_s
+        self.max_batch, self.idle_s, self.gather_s, self.gap_s = max_batch, idle_s, gather_s, gap_s
         self.waiting: list[tuple[object, ConversationState | None, tuple, Future]] = []
         self.cond = threading.Condition()
         self.running = False
@@ -157,6 +163,11 @@ class Batcher:
             if not self.waiting and not self.cond.wait_for(lambda: self.waiting, self.idle_s):
                 self.running = False
                 return []
+            expected = min(max(self.sizes[-8:], default=1), self.max_batch)
+            until = time.monotonic() + self.gather_s
+            while (n := len(self.waiting)) < expected and (left := until - time.monotonic()) > 0:
+                if not self.cond.wait_for(lambda: len(self.waiting) > n, min(self.gap_s, left)):
+                    break  # no newcomer within gap_s: the others are not on their way
             taken, keys, left = [], set(), []
             for item in self.waiting:
                 if len(taken) < self.max_batch and item[0] not in keys:
