@@ -3,6 +3,7 @@
     python benchmarks/gpu_qlora.py                       # on a GPU: the three 7B families
     python benchmarks/gpu_qlora.py --families zephyr-7b-beta --steps 6 --out results.json
     python benchmarks/gpu_qlora.py --tiny                # the tiny-* presets: checks it on a CPU
+    python benchmarks/gpu_qlora.py --processes 2         # training on 2 GPUs (DDP, one process per GPU)
 
 For each family, a model is built from the family's published config (below) with random weights
 (no download; the compute and memory of the real one), saved, and loaded back by chimein's own
@@ -21,6 +22,17 @@ Each prints seconds per optimizer step, tokens per second (non-padding tokens, w
 from) and peak GPU memory. Then the decision runtime: a fresh 4-bit base with the
 trained adapter in `GroupChatAssistant`, fed a long chat message by message: its peak memory and
 per-message decision latency (p50 at the start and at the end of the chat).
+
+With --processes N > 1 the script runs itself again under torchrun (`python -m
+torch.distributed.run --standalone --nproc-per-node N`; its exit code is the script's): N ranks,
+each on its GPU (LOCAL_RANK; gloo CPU processes with --tiny), load the random checkpoint (built
+once, by rank 0) and train it with DDP, each rank on its share of the same rows. The global batch
+stays 4 x 2 (each rank accumulates 2 / N micro-batches) where N divides 2; otherwise each rank
+accumulates 1 and the global batch is 4 x N (the table says which). Only the training is measured
+then: tokens/s over all ranks (the Trainer gathers the token counts), seconds per step as rank 0
+sees them, peak memory the largest of any GPU. The decision runtime, the serving comparison and
+--train-check are single-process measurements: skipped (run them without --processes). Rank 0
+alone prints and writes --out.
 
 Needs only torch, transformers, peft, accelerate, trl, bitsandbytes and datasets (and chimein's
 own pydantic, pyyaml and platformdirs): no MLflow, no Prefect.
@@ -59,6 +71,79 @@ VARIANTS = [("TRL SFTTrainer (the method)", 1.0, {}),
             ("decision-weighted loss", 5.0, {}),
             ("  + length-grouped batches", 5.0, {"group": True}),
             ("  + Liger kernels", 5.0, {"group": True, "liger": True})]
+SHARED_WORK = "CHIMEIN_BENCH_WORK"  # --processes: the launcher's work directory, shared by the ranks
+
+
+def world() -> tuple[int, int, int]:
+    """(processes, rank, local rank) under torchrun; (1, 0, 0) in a single process."""
+    return (int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def accumulation(processes: int) -> int:
+    """Global gradient accumulation: the method's 2 (each rank accumulating 2 / processes), or
+    `processes` (1 per rank, a global batch of 4 x processes) where processes does not divide 2."""
+    return 2 if 2 % processes == 0 else processes
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing in a single process)."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier(device_ids=[world()[2]]) if torch.cuda.is_available() else dist.barrier()
+
+
+def rank0_value(value):
+    """Rank 0's `value` on every rank, so that the ranks take the same decisions."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def max_over_ranks(*values: float) -> list[float]:
+    """Each of `values`, the largest over the ranks (the values themselves in a single process)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def work_root(args) -> str | None:
+    shm = Path("/dev/shm")
+    return args.work_dir or (shm if shm.is_dir() and shutil.disk_usage(shm).free > 40e9 else None)
+
+
+def launch(args) -> int:
+    """--processes N: this script, with the same arguments, on N ranks under torchrun; its exit code."""
+    import subprocess
+    import sys
+
+    import torch
+
+    n = args.processes
+    if torch.cuda.is_available() and n > torch.cuda.device_count():
+        raise SystemExit(f"--processes {n} runs one process per GPU and this host has "
+                         f"{torch.cuda.device_count()}: use --processes {torch.cuda.device_count()} or fewer")
+    shared = tempfile.mkdtemp(prefix="gpu_qlora-", dir=work_root(args))
+    env = dict(os.environ, **{SHARED_WORK: shared})
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))  # torchrun's default: 1
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+               os.path.abspath(__file__), *sys.argv[1:]]
+    print(f"launching {n} processes: {' '.join(command)}", flush=True)
+    try:
+        return subprocess.run(command, env=env).returncode
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def apply_liger(model) -> None:
@@ -124,14 +209,18 @@ def measure_family(name: str, args, work: Path) -> dict:
 
     disable_progress_bars()
     cuda = torch.cuda.is_available()
+    processes, rank, _ = world()
+    multi = processes > 1
     preset = load_preset(TINY[name] if args.tiny else name)
     tokenizer = load_tokenizer(preset)
     out = {"family": preset.family, "preset": preset.name}
     t0 = time.perf_counter()
     if not args.tiny:  # the real architecture, random weights, loaded from a local directory
         weights = work / name
-        build_random_model(name, weights, "cuda" if cuda else "cpu")
-        tokenizer.save_pretrained(weights)
+        if rank == 0:  # once: the ranks share the work directory
+            build_random_model(name, weights, "cuda" if cuda else "cpu")
+            tokenizer.save_pretrained(weights)
+        barrier()
         preset = preset.model_copy(update={"hub_id": str(weights), "asset": None})
         out["build_s"] = time.perf_counter() - t0
     max_length = min(args.max_length, preset.max_length) if args.tiny else args.max_length
@@ -139,7 +228,9 @@ def measure_family(name: str, args, work: Path) -> dict:
                             **{"lora.r": 64, "lora.alpha": 16, "quantization.load_in_4bit": True,
                                "quantization.compute_dtype": "bfloat16",
                                "trainer.per_device_train_batch_size": 4,
-                               "trainer.gradient_accumulation_steps": 2,
+                               # global; sft_args gives each rank its share (WORLD_SIZE)
+                               "trainer.gradient_accumulation_steps": accumulation(processes),
+                               "trainer.processes": processes,
                                "trainer.gradient_checkpointing": True,
                                "trainer.max_steps": args.steps, "trainer.save_steps": 10_000,
                                "trainer.logging_steps": 1})
@@ -186,6 +277,8 @@ def measure_family(name: str, args, work: Path) -> dict:
         return trainer, trainer.train()
 
     run(5.0, False, 2, train_ds.select(range(2 * batch)))  # warm-up: kernels, allocator, autotuning
+    if multi:
+        gc.collect()  # the warm-up's DDP wrapper: its gradient hooks go with it
     out["train"] = {}
     for label, weight, opts in VARIANTS:
         if opts.get("liger"):
@@ -210,14 +303,20 @@ def measure_family(name: str, args, work: Path) -> dict:
             print(f"  {preset.name} · {label}: failed ({type(e).__name__}: {e})", flush=True)
             out["train"][label] = {"error": f"{type(e).__name__}: {e}"}
             continue
+        # tokens: the Trainer's count, gathered over the ranks (global); the time: rank 0's
         t_end, tokens = steps.marks[-1]
+        peaks = (max_over_ranks(torch.cuda.max_memory_allocated() / 1e9, torch.cuda.max_memory_reserved() / 1e9)
+                 if cuda else [None, None])  # per GPU: the largest of any rank's
         row = {"s_per_step": (t_end - steps.start) / len(steps.marks), "tokens_per_s": tokens / (t_end - steps.start),
                "steps_timed": len(steps.marks), "train_loss": result.training_loss,
-               "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
-               "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if cuda else None}
+               "peak_allocated_gb": peaks[0], "peak_reserved_gb": peaks[1]}
         out["train"][label] = row
         print(f"  {preset.name} · {label}: {row['s_per_step']:.2f} s/step, {row['tokens_per_s']:.0f} tokens/s"
               + (f", peak {row['peak_allocated_gb']:.1f} GB" if cuda else ""), flush=True)
+        if multi:  # no decision runtime (below), no adapter to save
+            del trainer
+            gc.collect()
+            continue
         adapter = work / "adapter"
         trainer.model.save_pretrained(adapter)
         del trainer
@@ -226,6 +325,14 @@ def measure_family(name: str, args, work: Path) -> dict:
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    if multi:  # the decision runtime and serving are one process's: measured without --processes
+        print(f"  {preset.name} · decision runtime, serving: skipped with {processes} processes", flush=True)
+        barrier()
+        if rank == 0:
+            if not args.tiny:
+                shutil.rmtree(work / name, ignore_errors=True)
+            shutil.rmtree(work / "train", ignore_errors=True)
+        return out | {"runtime": None, "serving": None}
 
     # the decision runtime: a fresh 4-bit base and the adapter, as `chimein serve` loads them
     base = load_base_model(preset, cfg.quantization, tokenizer)
@@ -365,23 +472,52 @@ def main() -> None:
     ap.add_argument("--train-check", metavar="PRESET",
                     help="first run chimein's own train() and from_adapter on PRESET (e.g. tiny-zephyr) "
                          "in 4-bit on this device (needs MLflow)")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="train on N DDP processes, one per GPU (torchrun; gloo CPU processes with --tiny); "
+                         "only the training is measured then")
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.tiny:
         raise SystemExit("no CUDA device: the 7B path needs a GPU (use --tiny to check the script on a CPU)")
-    shm = Path("/dev/shm")
-    root = args.work_dir or (shm if shm.is_dir() and shutil.disk_usage(shm).free > 40e9 else None)
+    if args.processes < 1:
+        raise SystemExit(f"--processes must be at least 1, not {args.processes}")
+    processes, rank, local_rank = world()
+    if args.processes > 1 and processes == 1:  # the launcher
+        raise SystemExit(launch(args))
+    if processes != args.processes:
+        raise SystemExit(f"running on {processes} processes with --processes {args.processes}: "
+                         "give --processes N to this script, not torchrun around it")
+    if processes > 1:  # a rank: its own GPU; the process group the Trainer's DDP then uses
+        import sys
+
+        import torch.distributed as dist
+
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if rank:
+            sys.stdout = open(os.devnull, "w")  # rank 0 prints (errors still go to stderr)
+    root = Path(os.environ[SHARED_WORK]) if processes > 1 else work_root(args)
     started, slowest, results = time.perf_counter(), 0.0, []
-    header = {"device": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)",
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
+    header = {"device": f"{processes} x {device}" if cuda and processes > 1 else
+              f"{device}, {processes} processes" if processes > 1 else device,
               "torch": torch.__version__}
+    if processes > 1:
+        acc = accumulation(processes)
+        header |= {"processes": processes, "global_batch": f"4 x {acc}",
+                   "per_rank_batch": f"4 x {acc // processes}"}
     for pkg in ("transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "liger_kernel"):
         try:
             header[pkg] = importlib.metadata.version(pkg.replace("_", "-"))
         except importlib.metadata.PackageNotFoundError:
             header[pkg] = None
     print(json.dumps(header), flush=True)
-    if args.train_check:
+    if args.train_check and processes > 1:
+        header["train_check"] = {"skipped": f"--processes {processes}: run --train-check without --processes"}
+        print(f"  train check: {header['train_check']['skipped']}", flush=True)
+    elif args.train_check:
         try:
             header["train_check"] = train_check(args)
         except Exception as e:  # noqa: BLE001 — reported; the measurements go on
@@ -391,23 +527,36 @@ def main() -> None:
             header["train_check"] = {"error": f"{type(e).__name__}: {e}"[:500]}
     for name in args.families.split(","):
         left = args.budget_s - (time.perf_counter() - started) if args.budget_s else None
-        if left is not None and left < slowest * 1.1:
+        if rank0_value(left is not None and left < slowest * 1.1):  # the ranks skip together
             print(f"skipped {name}: {left:.0f} s left, the slowest family took {slowest:.0f} s", flush=True)
             continue
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(dir=root) as tmp:
-            results.append(measure_family(name, args, Path(tmp)) | {"total_s": time.perf_counter() - t0})
+        if processes > 1:  # the launcher's directory, shared: rank 0 builds the checkpoint there
+            results.append(measure_family(name, args, root) | {"total_s": time.perf_counter() - t0})
+        else:
+            with tempfile.TemporaryDirectory(dir=root) as tmp:
+                results.append(measure_family(name, args, Path(tmp)) | {"total_s": time.perf_counter() - t0})
         slowest = max(slowest, time.perf_counter() - t0)
-        if args.out:
+        if args.out and rank == 0:
             Path(args.out).write_text(json.dumps(header | {"results": results}, indent=2))
-    report(header, results)
+    if rank == 0:
+        report(header, results)
+    if processes > 1:
+        dist.destroy_process_group()
 
 
 def report(header: dict, results: list[dict]) -> None:
     print(f"\n{header['device']} · torch {header['torch']} · transformers {header['transformers']} · "
           f"trl {header['trl']} · bitsandbytes {header['bitsandbytes']}")
-    print("training: 4-bit NF4, bf16 compute, LoRA r=64 on all projections, batch 4 x 2, "
+    if "processes" in header:
+        batch = (f"global batch {header['global_batch']} on {header['processes']} DDP processes "
+                 f"({header['per_rank_batch']} each)")
+    else:
+        batch = "batch 4 x 2"
+    print(f"training: 4-bit NF4, bf16 compute, LoRA r=64 on all projections, {batch}, "
           "gradient checkpointing, rows of joined chats up to 1024 tokens")
+    if "processes" in header:
+        print("tokens/s: over all processes; s/step: rank 0's; peak GB: per GPU, the largest of any rank")
     print(f"{'preset':<20}{'trainer':<36}{'s/step':>8}{'tokens/s':>10}{'peak GB':>9}{'ratio':>7}")
     for r in results:
         base = None
@@ -419,9 +568,13 @@ def report(header: dict, results: list[dict]) -> None:
             peak = f"{row['peak_allocated_gb']:.1f}" if row["peak_allocated_gb"] is not None else "-"
             print(f"{r['preset']:<20}{label:<36}{row['s_per_step']:>8.2f}{row['tokens_per_s']:>10.0f}"
                   f"{peak:>9}{row['tokens_per_s'] / base:>6.2f}x")
-    print(f"\ndecision runtime (fresh 4-bit base + adapter):")
-    print(f"{'preset':<20}{'messages':>9}{'tokens':>8}{'p50 ms start':>14}{'p50 ms end':>12}{'peak GB':>9}")
-    for r in results:
+    if "processes" in header:
+        print(f"\ndecision runtime, serving: not measured on {header['processes']} processes "
+              "(single-process measurements: run without --processes)")
+    else:
+        print(f"\ndecision runtime (fresh 4-bit base + adapter):")
+        print(f"{'preset':<20}{'messages':>9}{'tokens':>8}{'p50 ms start':>14}{'p50 ms end':>12}{'peak GB':>9}")
+    for r in [r for r in results if r.get("runtime")]:
         rt = r["runtime"]
         peak = f"{rt['peak_allocated_gb']:.1f}" if rt["peak_allocated_gb"] is not None else "-"
         print(f"{r['preset']:<20}{rt['messages']:>9}{rt['tokens_in_context']:>8}"
