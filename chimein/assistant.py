@@ -6,6 +6,7 @@
     bot.reply()                       # answer the last message now, whatever the decision
     bot.reset()                       # a new, empty conversation
     chat = bot.use(ConversationState())   # or switch between conversations (a server keeps one per id)
+    bot.add_many([(chat_a, "Ann", "hi", False), (chat_b, "Bo", "assistant?", False)])  # several at once
 
 The decision takes one forward pass: the new message's tokens and the few diverging tokens of the
 "(silence)" and "(response)" continuations are fed together over the kept KV cache, each
@@ -173,12 +174,14 @@ class GroupChatAssistant:
                  reply: bool = True) -> list[Decision | Exception]:
         """Several conversations' new messages at once, as (state, name, content, force): the
         decisions that `add` would make on each, in shared forward passes — the new tokens of all
-        of them are batched over their own KV caches (stacked, padded, masked), and the replies
-        of those that speak are generated together, a token of each per pass. A server gathers
+        of them packed into one sequence, each attending to its own KV cache (`_decide_batch`),
+        and the replies of those that speak generated together, a token of each per pass. A server gathers
         the messages that arrive together and calls this. Each result is the Decision or the
         exception that refused or failed that message (its conversation is then as it was, less
         its cache, as with `add`); a conversation may appear only once. Afterwards `state` is the
         last one given."""
+        if len({id(r[0]) for r in requests}) < len(requests):
+            raise ValueError("a conversation may appear only once in add_many: its messages are in order")
         results: list[Decision | Exception | None] = [None] * len(requests)
         window = getattr(self.model.config, "sliding_window", None) or math.inf
         # nothing to batch, or a sliding window that a context might reach (it would evict keys
@@ -191,8 +194,6 @@ class GroupChatAssistant:
                 except Exception as e:  # noqa: BLE001 — the caller answers each message on its own
                     results[i] = e
             return results
-        if len({id(r[0]) for r in requests}) < len(requests):
-            raise ValueError("a conversation may appear only once in add_many: its messages are in order")
         ready: list[tuple[int, ConversationState, list[Message], _Branches]] = []
         for i, (state, name, content, _) in enumerate(requests):
             before = list(state.messages)
