@@ -229,8 +229,8 @@ def create_app(bot: GroupChatAssistant, max_conversations: int = 256, max_cache_
             raise HTTPException(422, e.problem) from None
 
     def before(cid: str) -> ConversationState:
-        """The state a message is decided on: a chat completion's history, or the stored
-        conversation (a new one is stored at once, so a delete meanwhile is seen)."""
+        """The stored conversation a message is decided on (a new one is stored at once, so a
+        delete while it is decided is seen); chat completions bring their own state."""
         with lock:
             state = conversations.get(cid)
             if state is None:
