@@ -299,6 +299,10 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, args, dtype, cal
         if param.requires_grad:  # before the optimizer exists, so its state follows
             param.data = param.data.to(adapter_dtype)
     trainer.add_callback(keep_adapter_dtype(trainer.model))
+    if args.disable_tqdm:  # no progress bars: the Trainer would print every log as a raw dict
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     trainer.adapter_dtype = adapter_dtype
     return trainer
 
