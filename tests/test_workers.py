@@ -20,11 +20,24 @@ from .test_stack import bound, free_port, stack_processes
 pytestmark = pytest.mark.integration
 
 
+class RetryingClient(httpx.Client):
+    """The Prefect server answers 503 while it is busy (two workers, two flow runs and a training
+    at once on two cores); Prefect's own client retries those, and so does this one."""
+
+    def request(self, *args, **kwargs):
+        for attempt in range(8):
+            r = super().request(*args, **kwargs)
+            if r.status_code not in (429, 503):
+                return r
+            time.sleep(min(0.5 * 2 ** attempt, 8))
+        return r
+
+
 def test_two_workers_run_two_retrains_at_once_without_collisions(tmp_path, monkeypatch):
     monkeypatch.setenv("CHIMEIN_STORE", str(tmp_path / "store"))
     monkeypatch.setenv("PREFECT_WORKER_QUERY_SECONDS", "1")
     stack = Stack(tmp_path / "stack", free_port(), free_port())
-    api = httpx.Client(base_url=stack.prefect_api, timeout=30)
+    api = RetryingClient(base_url=stack.prefect_api, timeout=30)
     try:
         started = time.monotonic()
         assert up(stack, workers=2) == {"prefect-server": "started", "mlflow-server": "started",
