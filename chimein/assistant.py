@@ -529,8 +529,7 @@ class GroupChatAssistant:
             if not live:
                 break
         for (st, _, d), out in zip(speakers, outs):
-            text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
-            d.response, d.completion_tokens = neutralize(text, self.pattern) or "…", len(out)
+            d.response, d.completion_tokens = self._reply_text(out), len(out)
             st.messages.append(Message("assistant", d.response))
 
     def _decide_two_pass(self, branches: _Branches) -> Decision:
@@ -583,8 +582,11 @@ class GroupChatAssistant:
             out.append(tok)
             self._feed(self.state.fed + [tok])
             logits = self.state.last_logits
-        text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
-        return neutralize(text, self.pattern) or "…", len(out)
+        return self._reply_text(out), len(out)
+
+    def _reply_text(self, ids: list[int]) -> str:
+        """A generated reply as text, any chat-format marker in it neutralized; never empty."""
+        return neutralize(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), self.pattern) or "…"
 
     def _window(self) -> _Branches:
         """Keep the decision's context under max_context_tokens by dropping whole exchanges from
