@@ -40,3 +40,18 @@ def test_gpu_qlora_tiny_mode_trains_and_serves(tmp_path):
     assert family["runtime"]["messages"] == 3
     for mode in ("decide", "reply"):
         assert family["serving"][mode]["max_p_speak_diff"] < 1e-4  # fp32 on a CPU: the same decisions
+
+
+def test_gpu_qlora_processes_mode_trains_on_two_ranks(tmp_path):
+    """--processes 2: the same training on two DDP ranks under torchrun (gloo on a CPU); rank 0
+    reports the global batch and tokens over both ranks."""
+    result = tmp_path / "r.json"
+    out = subprocess.run([sys.executable, "benchmarks/gpu_qlora.py", "--tiny", "--families", "zephyr-7b-beta",
+                          "--steps", "2", "--serve-conversations", "0", "--processes", "2",
+                          "--out", str(result)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(result.read_text())
+    assert report["processes"] == 2 and report["global_batch"] == "4 x 2"
+    (family,) = report["results"]
+    trained = [row for row in family["train"].values() if "error" not in row]
+    assert len(trained) >= 2 and all(row["tokens_per_s"] > 0 for row in trained)
