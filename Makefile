@@ -8,7 +8,7 @@ STAMP := $(VENV)/.chimein-installed
 # torch first, pinned: the CPU build lies on local disk here; a bare `torch` would pull CUDA (GBs)
 TORCH ?= torch==2.13.0
 
-.PHONY: setup assets run test clean
+.PHONY: setup assets run test docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,9 +29,14 @@ assets: setup
 run: assets
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python flows/retrain.py
 
+# the tests, then the docs site (broken links and stale config references fail it)
 test: assets
 	$(BIN)/python -m pytest -q
+	$(MAKE) docs
+
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # store/ also holds the Prefect task cache (store/prefect-cache): it goes with the data it names
 clean:
-	rm -rf outputs store mlflow.db mlruns .pytest_cache
+	rm -rf outputs store mlflow.db mlruns .pytest_cache site

@@ -13,8 +13,8 @@ import time
 
 from chimein.conversation import load_conversations
 from chimein.formatting import chat_turns, encode, marker_pattern
+from chimein.models.loading import load_tokenizer
 from chimein.paths import sample_data
-from chimein.models import load_tokenizer
 from chimein.presets import load_preset
 
 

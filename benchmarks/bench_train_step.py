@@ -27,7 +27,8 @@ import time
 from transformers import TrainerCallback
 
 from chimein.paths import conf_dir, sample_data
-from chimein.training import load_train_config, train
+from chimein.train.config import load_train_config
+from chimein.train.launch import train
 
 METHOD = {"quantization.load_in_4bit": True, "trainer.gradient_checkpointing": True,
           "trainer.per_device_train_batch_size": 4, "trainer.gradient_accumulation_steps": 2}
@@ -56,7 +57,7 @@ class StepTimer(TrainerCallback):
 def main() -> None:
     from chimein.conversation import load_conversations
     from chimein.formatting import encode
-    from chimein.models import load_tokenizer
+    from chimein.models.loading import load_tokenizer
     from chimein.presets import load_preset
 
     ap = argparse.ArgumentParser()

@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from chimein.assistant import GroupChatAssistant
-from chimein.corpus import load_corpus
+from chimein.data.corpus import load_corpus
 from chimein.formatting import chat_turns
+from chimein.runtime.assistant import GroupChatAssistant
 
 
 def user_messages(n: int) -> list[tuple[str, str]]:

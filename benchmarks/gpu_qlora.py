@@ -202,10 +202,11 @@ def measure_family(name: str, args, work: Path) -> dict:
     from peft import PeftModel
     from transformers import TrainerCallback
 
-    from chimein.assistant import GroupChatAssistant
-    from chimein.models import load_base_model, load_tokenizer, resolve_compute_dtype
+    from chimein.models.loading import load_base_model, load_tokenizer, resolve_compute_dtype
     from chimein.presets import load_preset
-    from chimein.training import apply_lora, build_trainer, load_train_config, sft_args
+    from chimein.runtime.assistant import GroupChatAssistant
+    from chimein.train.config import load_train_config
+    from chimein.train.trainer import apply_lora, build_trainer, sft_args
 
     disable_progress_bars()
     cuda = torch.cuda.is_available()
@@ -384,7 +385,7 @@ def serving(bot, convs, args, cuda: bool) -> dict:
     ratio and the largest p_speak difference."""
     import torch
 
-    from chimein.assistant import ConversationState
+    from chimein.runtime.state import ConversationState
 
     n, rounds = args.serve_conversations, 4
     chats = [[m for m in c.messages if m.role == "user"] for c in convs if c.n_user >= rounds][:n]
@@ -425,10 +426,11 @@ def train_check(args) -> dict:
     reloaded adapter. Needs MLflow."""
     import torch
 
-    from chimein.assets import build_asset
-    from chimein.assistant import GroupChatAssistant
+    from chimein.models.assets import build_asset
     from chimein.paths import sample_data
-    from chimein.training import load_train_config, train
+    from chimein.runtime.assistant import GroupChatAssistant
+    from chimein.train.config import load_train_config
+    from chimein.train.launch import train
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"

@@ -77,7 +77,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def conversations(n: int, messages: int) -> list[list[tuple[str, str]]]:
     """n conversations of `messages` user messages each, from the corpus (different ones)."""
-    from chimein.corpus import load_corpus
+    from chimein.data.corpus import load_corpus
 
     msgs = [(m.name, m.content) for c in load_corpus() for m in c.messages if m.role == "user"]
     return [[msgs[(k * messages + i) % len(msgs)] for i in range(messages)] for k in range(n)]

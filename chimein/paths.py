@@ -1,11 +1,28 @@
-"""Where chimein keeps its configuration and its cache."""
+"""Where chimein keeps things: its configuration, its store and cache, and where it publishes
+(`local` or `hub:ORG/NAME`)."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import StringConstraints
 
 _PACKAGE = Path(__file__).resolve().parent
+
+# Where a dataset version or an adapter is published: `local` (the store) or `hub:ORG/NAME`.
+# As a pydantic field type the Prefect form shows the pattern and refuses anything else.
+PUBLISH_PATTERN = r"^(local|hub:[\w.-]+/[\w.-]+)$"
+PublishTarget = Annotated[str, StringConstraints(pattern=PUBLISH_PATTERN)]
+
+
+def hub_repo(target: str) -> str | None:
+    """ORG/NAME of a `hub:ORG/NAME` publish target, None for `local`."""
+    if not re.fullmatch(PUBLISH_PATTERN, target):
+        raise ValueError(f"publish target {target!r}: use 'local' or 'hub:ORG/NAME'")
+    return None if target == "local" else target.removeprefix("hub:")
 
 
 def conf_dir() -> Path:
@@ -19,6 +36,11 @@ def train_config_path(name_or_path: str | None) -> str | None:
     if name_or_path is None or Path(name_or_path).suffix in (".yaml", ".yml"):
         return name_or_path
     return str(conf_dir() / "train" / f"{name_or_path}.yaml")
+
+
+def store_dir() -> Path:
+    """CHIMEIN_STORE, else ./store: where local datasets and adapters are kept."""
+    return Path(os.environ.get("CHIMEIN_STORE", "store"))
 
 
 def cache_dir() -> Path:

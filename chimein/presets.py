@@ -3,7 +3,7 @@
 A preset names a model and everything that differs between model families: the Hub id, the
 family (which fixes the chat template, the end-of-turn token and the template's marker text), the
 pad-token policy, the LoRA target modules, and whether training it needs a GPU. Loading a preset's
-tokenizer and model is chimein.models (its loaders stay importable from here).
+tokenizer and model is chimein.models.loading.
 """
 
 from __future__ import annotations
@@ -141,7 +141,3 @@ def check_hardware(preset: ModelPreset, allow_cpu: bool = False) -> None:
             f"infra/prefect.yaml), pick a CPU preset such as {DEFAULT_PRESET!r}, or set `allow_cpu: "
             "true` (`chimein train --allow-cpu`) to run it on the CPU anyway.")
 
-
-# loading lives in chimein.models; these names stay importable from here
-from chimein.models import (PadTokenError, check_pad_token, load_tokenizer,  # noqa: E402,F401
-                            model_source, resolve_pad_token)

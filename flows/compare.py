@@ -13,8 +13,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, Field
 
-from chimein import tracking
-from chimein.evaluation import HEADLINE_METRICS
+from chimein.evaluate.metrics import HEADLINE_METRICS
+from chimein.ops import tracking
 from chimein.presets import PresetName, check_hardware, load_preset
 from flows.retrain import RetrainParams, retrain
 from tasks.model import flow_run_tags, link_mlflow_run

@@ -9,8 +9,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
-from chimein.dataset import PublishTarget
-from chimein.generation import GenerationSettings, load_generation_config
+from chimein.data.generation_config import GenerationSettings, load_generation_config
+from chimein.paths import PublishTarget
 from tasks.data import build_and_publish_dataset, generate_conversations
 
 

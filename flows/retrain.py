@@ -26,14 +26,13 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
-from chimein import tracking
-from chimein.dataset import PublishTarget
-from chimein.distributed import check_processes
-from chimein.evaluation import HEADLINE_METRICS
-from chimein.generation import GenerationSettings, load_generation_config, seed_for_date
-from chimein.paths import train_config_path
-from chimein.presets import DEFAULT_PRESET, PresetName, check_hardware, load_preset
-from chimein.training import TrainConfig, load_train_config
+from chimein.data.generation import seed_for_date
+from chimein.data.generation_config import GenerationSettings, load_generation_config
+from chimein.evaluate.metrics import HEADLINE_METRICS
+from chimein.ops import tracking
+from chimein.paths import PublishTarget, train_config_path
+from chimein.presets import DEFAULT_PRESET, PresetName
+from chimein.train.config import TrainConfig, load_train_config, preflight
 from flows.generate import GenerateParams
 from tasks.data import build_and_publish_dataset, generate_conversations
 from tasks.model import evaluate_adapter, promote_if_better, publish_adapter, train_adapter
@@ -100,10 +99,12 @@ def run_name() -> str:
 def retrain(params: RetrainParams = RetrainParams(), parent_run_id: SkipJsonSchema[str | None] = None) -> dict:
     log = get_run_logger()  # not log_prints: libraries print to stdout inside tasks
 
-    # hardware: a preset that needs a GPU stops here on a CPU worker, before any API call or download
-    check_hardware(load_preset(params.preset), params.allow_cpu)
-    check_processes(params.processes, load_train_config(train_config_path(params.train_config), dataset="")
-                    .trainer.gradient_accumulation_steps)  # at most one per GPU; dividing the accumulation
+    # the training config, checked first: a preset that needs a GPU stops here on a CPU worker, as do
+    # more processes than GPUs, before any API call or download
+    train_config = load_train_config(train_config_path(params.train_config), model=params.preset, dataset="",
+                                     output_dir=params.output_dir,
+                                     **{"trainer.max_steps": params.max_steps, "trainer.processes": params.processes})
+    preset = preflight(train_config, params.allow_cpu)
 
     # data: cached on inputs + code, so a rerun spends no API call; a nightly run seeds by date
     generation = params.generation.model_dump()
@@ -117,13 +118,10 @@ def retrain(params: RetrainParams = RetrainParams(), parent_run_id: SkipJsonSche
     dataset = build_and_publish_dataset.with_options(refresh_cache=params.refresh)(
         conversations, params.publish_dataset)
 
-    # model: one MLflow run, its id passed explicitly from task to task
-    train_config = load_train_config(train_config_path(params.train_config), model=params.preset,
-                                     dataset=dataset, output_dir=params.output_dir,
-                                     **{"trainer.max_steps": params.max_steps, "trainer.processes": params.processes})
     # preprocessing: token rows + masks for this preset and dataset version, cached on both
-    tokenized = tokenize_dataset.with_options(refresh_cache=params.refresh)(
-        load_preset(train_config.model), dataset, train_config.max_length)
+    train_config = train_config.model_copy(update={"dataset": dataset})
+    tokenized = tokenize_dataset.with_options(refresh_cache=params.refresh)(preset, dataset, train_config.max_length)
+    # model: one MLflow run, its id passed explicitly from task to task
     result = train_adapter(train_config, parent_run_id, tokenized)  # processes > 1: rank 0's progress still reaches this log
 
     # evaluation: the shipped benchmark decides promotion; the held-out split is a quick check

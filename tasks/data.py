@@ -24,8 +24,10 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.locking.filesystem import FileSystemLockManager
 
-from chimein.dataset import build_dataset, publish_dataset, store_dir
-from chimein.generation import ClientError, GenerationAborted, GenerationConfig, MissingAPIKey, generate
+from chimein.data.dataset import build_dataset, publish_dataset
+from chimein.data.generation import ClientError, GenerationAborted, GenerationConfig, generate
+from chimein.data.providers import MissingAPIKey
+from chimein.paths import store_dir
 
 # not ~/.prefect/storage, which outlives the files its records name (a Path: Prefect makes it a
 # LocalFileSystem, resolved against the working directory at run time, like the store itself)

@@ -18,11 +18,15 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from chimein import adapters, tracking
-from chimein.assistant import DEFAULT_CHATTINESS
-from chimein.dataset import hub_repo
-from chimein.evaluation import HEADLINE_METRICS
-from chimein.training import TokenizedData, TrainConfig, TrainResult, progress_log, train
+from chimein.evaluate.metrics import HEADLINE_METRICS
+from chimein.models import adapters
+from chimein.ops import tracking
+from chimein.runtime.state import DEFAULT_CHATTINESS
+from chimein.train.config import TrainConfig
+from chimein.train.launch import train
+from chimein.train.rows import TokenizedData
+from chimein.train.run import TrainResult
+from chimein.train.trainer import progress_log
 
 
 def flow_run_tags() -> dict[str, str]:
@@ -125,43 +129,36 @@ def evaluate_adapter(result: TrainResult, on: str = "benchmark", dataset: str | 
     on="benchmark": the shipped hand-written benchmark, as bench.* (decides promotion);
     on="heldout": the dataset version's held-out test split, as heldout.* (a quick check).
     chattiness None: the adapter's calibrated threshold. limit: the first N conversations only."""
-    from chimein.assistant import GroupChatAssistant
-    from chimein.benchmark import load_eval_set
-    from chimein.evaluation import evaluate, report
-    from chimein.promotion import EvalStamp
-    from chimein.tracking import BENCH, HELDOUT, log_evaluation
+    from chimein.evaluate.benchmark import load_eval_set
+    from chimein.evaluate.run import record, score
+    from chimein.runtime.assistant import GroupChatAssistant
 
     evalset = load_eval_set("benchmark" if on == "benchmark" else dataset)
-    prefix = BENCH if on == "benchmark" else HELDOUT
     fingerprint, total = evalset.fingerprint, evalset.total_decisions
-    convs = evalset.conversations[:limit] if limit else evalset.conversations
     bot = GroupChatAssistant.from_adapter(str(result.adapter_dir), chattiness=chattiness)
-    metrics = report(evaluate(bot, convs, replies=False), with_similarity=False)["metrics"]
-    stamp = EvalStamp.of(bot, fingerprint, metrics["decisions"], total)
-    log_evaluation(tracking.client(), result.run_id, prefix, metrics, stamp)
+    scored = score(bot, evalset, limit, replies=False)  # the same path as `chimein eval`
+    record(tracking.client(), result.run_id, scored)
+    metrics, stamp = scored.metrics, scored.stamp
     keys = ["decisions", *HEADLINE_METRICS]
     create_table_artifact(
-        key=f"evaluation-{on}", description=f"{prefix}.*: {fingerprint}, {stamp.decisions} of {total} "
-        f"decisions, chattiness {bot.chattiness:.3f} ({bot.chattiness_source})",
+        key=f"evaluation-{on}", description=f"{scored.prefix}.*: {fingerprint}, {stamp.decisions} of {total} "
+        f"decisions, chattiness {bot.chattiness:.3f} ({bot.threshold.source})",
         table=[{k.replace("_", " "): f"{metrics[k]:.3f}" if isinstance(metrics[k], float) else metrics[k]
                for k in keys}])
     return metrics | {"fingerprint": fingerprint, "complete": stamp.complete, "total_decisions": total,
-                      "chattiness": bot.chattiness, "chattiness_source": bot.chattiness_source}
+                      "chattiness": bot.chattiness, "chattiness_source": bot.threshold.source}
 
 
 @task(retries=2, retry_delay_seconds=30)
 def publish_adapter(result: TrainResult, target: str = "local") -> str:
-    repo = hub_repo(target)
-    if repo is None:
-        return adapters.publish_local(result.adapter_dir, result.run_name)
-    return adapters.publish_hub(result.adapter_dir, repo)
+    return adapters.publish_adapter(result.adapter_dir, result.run_name, target)
 
 
 @task
 def promote_if_better(result: TrainResult, metric: str, alias: str = "champion") -> dict:
     """Move `alias` to the new registered version only if it beats the holder on the same
-    benchmark, both scored in full (chimein.promotion); the verdict says why either way."""
-    from chimein.promotion import Verdict, promote
+    benchmark, both scored in full (chimein.evaluate.promotion); the verdict says why either way."""
+    from chimein.evaluate.promotion import Verdict, promote
 
     if not result.registered:
         verdict = Verdict(False, "the adapter is not registered in MLflow (see the run's "

@@ -19,9 +19,10 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from chimein.dataset import resolve_dataset, store_dir
+from chimein.data.dataset import resolve_dataset
+from chimein.paths import store_dir
 from chimein.presets import ModelPreset
-from chimein.training import tokenize_train_split
+from chimein.train.rows import tokenize_train_split
 from tasks.data import CACHE, ONE_AT_A_TIME, WhileArtifactExists
 
 

@@ -1,16 +1,26 @@
-"""Shared fixtures: tiny presets of every family with their real tokenizers (offline assets)."""
+"""Shared fixtures: tiny presets of every family with their real tokenizers (offline assets), and
+where the test data lies.
+
+    unit/<package>/   one folder per subpackage of chimein (no server; tiny models, local fakes)
+    integration/      everything that starts a real server on loopback (marked `integration`)
+    fakes/            stand-ins of paid or hosted APIs (OpenAI, Replicate, the Hub) at the HTTP layer
+    fixtures/         small data files
+"""
 
 from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 import pytest
 
-from chimein.assets import build_asset
-from chimein.models import load_tokenizer
+from chimein.models.assets import build_asset
+from chimein.models.loading import load_tokenizer
 from chimein.presets import load_preset
 
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"  # small data files made for the tests
 TINY = ["tiny-zephyr", "tiny-llama-2", "tiny-openchat", "tiny-chatml"]
 
 

@@ -1,0 +1,79 @@
+"""The `chimein` command's app and what its commands share: the consoles, help texts, failing with
+one line, loading an assistant."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Train and run a group-chat assistant that knows when to chime in.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+console = Console()
+
+
+err = Console(stderr=True)
+
+
+PRESET_HELP = "Model preset: a name from `chimein presets` or a YAML path."
+
+
+def fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(1)
+
+
+def publish_target(target: str) -> str:
+    """--publish, checked before any work: 'local' or 'hub:ORG/NAME'."""
+    from chimein.paths import hub_repo
+
+    try:
+        hub_repo(target)
+    except ValueError as e:
+        fail(str(e))
+    return target
+
+
+def rejections_table(rejected, limit: int = 20, rest: str = "") -> Table:
+    table = Table("line", "reason", title=f"rejected ({len(rejected)})")
+    for r in rejected[:limit]:
+        table.add_row(str(r.line), r.problem)
+    if len(rejected) > limit:
+        table.add_row("…", f"{len(rejected) - limit} more{rest}")
+    return table
+
+
+def load_assistant(adapter: Optional[str], base: Optional[str], chattiness: Optional[float]):
+    import time
+
+    from chimein.models.loading import quiet
+    from chimein.runtime.assistant import BASELINE_PROMPT, GroupChatAssistant
+    from chimein.runtime.state import DEFAULT_CHATTINESS
+
+    if bool(adapter) == bool(base):
+        fail("pass exactly one of --adapter REF (a trained adapter) or --base PRESET (the un-tuned "
+              "base model with the method's instruction prompt)")
+    start = time.perf_counter()
+    try:  # quietly: loading prints progress bars and library warnings by the screenful
+        with err.status("loading the model"), quiet():
+            if adapter:
+                bot = GroupChatAssistant.from_adapter(adapter, chattiness=chattiness)
+            else:
+                bot = GroupChatAssistant.from_preset(base, chattiness=DEFAULT_CHATTINESS if chattiness is None else chattiness,
+                                                     system_prompt=BASELINE_PROMPT)
+    except FileNotFoundError as e:  # no such adapter or preset asset, or no MLflow store for models:/…
+        fail(str(e))
+    console.print(f"loaded {bot.describe()} in {time.perf_counter() - start:.1f} s", highlight=False,
+                  soft_wrap=True)
+    return bot
+
+
+CHATTINESS_HELP = ("Speak when p_speak >= this. Default: the adapter's threshold, calibrated on its "
+                   "dataset's validation split when it was trained (0.5 for --base).")

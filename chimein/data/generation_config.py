@@ -1,0 +1,121 @@
+"""What a generation run asks for: its settings (source, model, count, sampling; the flows'
+`generation` parameter), the lists of topics and names, and each request's own plan (topic,
+participants, group size, turns, seed) and prompt, derived from the run seed so a run is
+reproducible."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from chimein.paths import conf_dir
+
+DEFAULT_MODELS = {
+    "replicate": "mistralai/mixtral-8x7b-instruct-v0.1",  # as in the original article
+    "openai": "gpt-4o-mini",
+    "offline": "chimein-curated-corpus",
+}
+API_KEYS = {"openai": "OPENAI_API_KEY", "replicate": "REPLICATE_API_TOKEN"}
+
+
+
+class GenerationSettings(BaseModel):
+    """What a generation run chooses (the flows' `generation` parameter); GenerationConfig adds
+    the lists and tuning, from conf/generation/default.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["offline", "openai", "replicate"] = Field(
+        "offline", description="offline: the curated corpus + augmentation (no key, no network); "
+        "openai: any OpenAI-compatible server; replicate: Replicate's API."
+    )
+    count: int = Field(300, gt=0, description="Accepted conversations wanted in the output "
+                       "(300: what conf/train/offline-cpu.yaml's steps are sized for).")
+    seed: int = Field(0, description="Run seed; request i's seed is derived from it.")
+    model: str | None = Field(None, description="Model id; default per source (DEFAULT_MODELS).")
+    base_url: str | None = Field(
+        None, description="API base URL: any OpenAI-compatible server (vLLM, Ollama, llama.cpp), "
+        "or a Replicate-compatible one. Default: the client's (OPENAI_BASE_URL / REPLICATE_BASE_URL)."
+    )
+
+
+class GenerationConfig(GenerationSettings):
+    """How to generate conversations. conf/generation/default.yaml holds the topic and name lists."""
+
+    prompt: str = Field("generate-conversation", description="conf/prompts/NAME.txt")
+    topics: list[str] = Field(min_length=1)
+    names: list[str] = Field(min_length=5)
+    group_size: tuple[int, int] = Field((2, 5), description="Participants per chat, inclusive range.")
+    turns: tuple[int, int] = Field((10, 12), description="User messages per chat, inclusive range.")
+    temperature: float = 0.8
+    max_tokens: int = 2048
+    concurrency: int = Field(4, ge=1, description="Requests in flight at once.")
+    max_retries: int = Field(5, ge=0, description="Retries of one request on 429/5xx/timeouts.")
+    backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubles each retry, with jitter.")
+    backoff_max_s: float = 30.0
+    timeout_s: float = 120.0
+    max_requests: int | None = Field(
+        None, description="Stop after this many requests even if count is not reached (default 3 x count)."
+    )
+
+    @property
+    def model_id(self) -> str:
+        return self.model or DEFAULT_MODELS[self.source]
+
+    def fingerprint(self) -> str:
+        """What must match for a resumed run to continue the same sequence of requests."""
+        keys = ("source", "seed", "prompt", "topics", "names", "group_size", "turns", "temperature",
+                "max_tokens")
+        data = {k: getattr(self, k) for k in keys} | {"model": self.model_id,
+                                                       "prompt_text": prompt_template(self.prompt)}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_generation_config(path: str | Path | None = None, **overrides) -> GenerationConfig:
+    path = Path(path) if path else conf_dir() / "generation" / "default.yaml"
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return GenerationConfig.model_validate(data)
+
+
+def prompt_template(name: str) -> str:
+    path = conf_dir() / "prompts" / f"{name}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt template {path} does not exist")
+    return path.read_text(encoding="utf-8")
+
+
+# --- requests -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    index: int
+    seed: int
+    topic: str
+    names: tuple[str, ...]
+    turns: int
+
+
+def plan_request(cfg: GenerationConfig, index: int) -> RequestSpec:
+    """Request `index` of the run, fully determined by the run seed."""
+    seed = int.from_bytes(hashlib.sha256(f"{cfg.seed}:{index}".encode()).digest()[:4], "big")
+    rng = random.Random(seed)
+    k = rng.randint(*cfg.group_size)
+    return RequestSpec(index, seed, rng.choice(cfg.topics), tuple(rng.sample(cfg.names, k)),
+                       rng.randint(*cfg.turns))
+
+
+def render_prompt(template: str, spec: RequestSpec) -> str:
+    return template.format(topic=spec.topic, names=", ".join(spec.names),
+                           n_names=len(spec.names), turns=spec.turns)
+
+
+# --- messy model output → a valid conversation ------------------------------------------------

@@ -1,0 +1,96 @@
+"""What the assistant holds per conversation and what it decides: a conversation's state (its
+messages and the model's KV cache of them), a decision, and the token ids a decision is made on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+from chimein.conversation import Message
+
+DEFAULT_CHATTINESS = 0.5  # p_speak threshold when none is calibrated or given
+
+
+@dataclass(frozen=True)
+class Chattiness:
+    """The p_speak threshold (speak when p_speak >= it) and where it came from: `calibrated` with
+    the adapter on its validation split, the `default` (calibration was off or impossible), or
+    `fixed` by the caller. `source` says it in words (which split, which bound, or why not)."""
+
+    threshold: float = DEFAULT_CHATTINESS
+    origin: Literal["calibrated", "default", "fixed"] = "default"
+    source: str = "default"
+
+    @classmethod
+    def fixed(cls, threshold: float) -> Chattiness:
+        return cls(float(threshold), "fixed", "fixed")
+
+    @classmethod
+    def stored(cls, saved: dict | None) -> Chattiness:
+        """From an adapter's chimein.json (`chattiness`: threshold, origin, source). Adapters saved
+        before `origin` existed say it only in their source's words."""
+        if not saved:
+            return cls()
+        source = saved.get("source", "default")
+        origin = saved.get("origin") or ("calibrated" if source.startswith("calibrated") else "default")
+        return cls(float(saved["threshold"]), origin, source)
+
+
+
+@dataclass
+class Decision:
+    speak: bool
+    p_speak: float  # the response's share of P("(silence)") + P("(response)")
+    response: str | None = None  # the reply, when speaking
+    format_mass: float = 1.0  # P("(silence)") + P("(response)"): how much the model follows the format
+    prompt_tokens: int = 0  # tokens of the conversation the decision was made on (after windowing)
+    completion_tokens: int = 0  # tokens generated for the reply; 0 when silent
+
+
+@dataclass
+class ConversationState:
+    """One conversation as the assistant holds it: its messages, and the model's KV cache of what
+    was fed so far (so a new message costs its own tokens). The assistant works on one at a time
+    (`bot.state`); keep several and switch with `bot.use(state)`. The messages may be read or
+    replaced before a message is added (e.g. a history given at once); the other fields belong to
+    the assistant."""
+
+    messages: list[Message] = field(default_factory=list)
+    fed: list[int] = field(default_factory=list)  # token ids whose keys/values are in the cache
+    cache: object = None
+    last_logits: object = None  # logits after the last fed token
+
+    def nbytes(self) -> int:
+        """Memory held for the model: the KV cache and the last logits (the messages are small)."""
+        n = self.last_logits.nbytes if self.last_logits is not None else 0
+        if self.cache is not None:
+            n += sum(t.nbytes for layer in self.cache.layers for t in (layer.keys, layer.values)
+                     if t is not None)
+        return n
+
+    def drop_cache(self) -> None:
+        """Forget what was fed; the messages stay, and the next decision feeds them again."""
+        self.fed, self.cache, self.last_logits = [], None, None
+
+
+class Branches(NamedTuple):
+    """A decision's token ids, as the whole rendered conversation tokenizes."""
+
+    context: list[int]  # shared by both continuations: what the cache holds when deciding
+    silence: list[int]  # the rest of "(silence)"
+    response: list[int]  # the rest of "(response)", where a reply continues
+
+
+def new_cache(config):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=config)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
