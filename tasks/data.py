@@ -8,63 +8,32 @@ conversations that are gone are paid for again).
 Two flow runs that want the same data at once (two workers, two runs triggered together) take
 turns: each cached task holds a lock on its cache key while it runs (Prefect's SERIALIZABLE cache
 isolation), so one run makes the file or dataset version and the other waits, then reuses it; no
-two runs write the same file, and no request is paid for twice."""
+two runs write the same file, and no request is paid for twice. A lock whose run was killed is
+taken over by the next run (tasks/locks.py)."""
 
 from __future__ import annotations
 
 import hashlib
-import socket
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
-from prefect.locking.filesystem import FileSystemLockManager
+from prefect.exceptions import MissingContextError
 
-from chimein.data.dataset import build_dataset, publish_dataset
+from chimein.data.dataset import DamagedDataset, build_dataset, check_version, publish_dataset
 from chimein.data.generation import ClientError, GenerationAborted, GenerationConfig, generate
 from chimein.data.providers import MissingAPIKey
 from chimein.paths import store_dir
+from tasks.locks import StoreLocks
 
 # not ~/.prefect/storage, which outlives the files its records name (a Path: Prefect makes it a
 # LocalFileSystem, resolved against the working directory at run time, like the store itself)
 CACHE = store_dir() / "prefect-cache"
-
-
-class StoreLocks(FileSystemLockManager):
-    """Prefect's lock files (one per cache key being computed), kept relative like CACHE, with two
-    fixes for runs in several processes: a lock whose holder process is gone (a worker killed
-    mid-generation) is free, not held for ever; a lock file another process has created but not
-    yet written is held, not an error."""
-
-    def __init__(self, directory: Path) -> None:
-        super().__init__(directory)
-        self.lock_files_directory = directory  # not resolved at import: the store is cwd-relative
-
-    def is_locked(self, key: str, use_cache: bool = False) -> bool:
-        try:
-            info = self._get_lock_info(key, use_cache=use_cache)
-        except ValueError:  # created, its holder not written yet
-            return True
-        if info is None:
-            return False
-        if _holder_gone(info["holder"]):
-            Path(info["path"]).unlink(missing_ok=True)
-            self._locks.pop(key, None)
-            return False
-        return True  # the cache keys' locks have no expiry (Prefect acquires them without one)
-
-
-def _holder_gone(holder: str) -> bool:
-    """A holder is `host:pid:thread…` (ResultStore.generate_default_holder)."""
-    import psutil
-
-    host, _, rest = holder.partition(":")
-    pid = rest.partition(":")[0]
-    return host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid))
 
 
 # the cached tasks' isolation: one computation per cache key at a time, the others wait and reuse it
@@ -104,11 +73,25 @@ class FileContent(CachePolicy):
 
 
 def dataset_exists(location: str) -> bool:
-    """A local version is complete once its info.json is written (publish_local writes it last).
-    A Hub version outlives `make clean`, and checking it would cost a request: trusted."""
+    """A local version counts when its files are those it was built with (a missing, truncated or
+    changed file: the task runs again and rebuilds it). A Hub version outlives `make clean`, and
+    checking it would cost a request: trusted."""
     if location.startswith("hub:"):
         return True
-    return (store_dir() / "datasets" / location.removeprefix("local:") / "info.json").is_file()
+    try:
+        check_version(store_dir() / "datasets" / location.removeprefix("local:"))
+    except DamagedDataset as e:
+        _warn(f"{e}: made again")
+        return False
+    return True
+
+
+def _warn(message: str) -> None:
+    """To the flow run's log when there is one (a cache policy runs inside the task run)."""
+    try:
+        get_run_logger().warning(message)
+    except MissingContextError:
+        logging.getLogger("chimein.cache").warning(message)
 
 
 def retry_io(task, task_run, state) -> bool:
@@ -116,7 +99,7 @@ def retry_io(task, task_run, state) -> bool:
     a 4xx. (429/5xx are already retried inside generation, per request.)"""
     exc = state.result(raise_on_failure=False)
     return not isinstance(exc, (MissingAPIKey, GenerationAborted, ClientError, PermissionError,
-                                FileNotFoundError, ValueError))
+                                FileNotFoundError, ValueError, DamagedDataset))
 
 
 # Cached on the config and this code: rerunning with the same parameters makes no API call.

@@ -96,7 +96,22 @@ def link_mlflow_run(run_id: str, what: str = "the MLflow run") -> None:
         create_link_artifact(key="mlflow-run", description=what, link=url)
 
 
-@task(retries=1, retry_delay_seconds=10)
+def retry_training(task, task_run, state) -> bool:
+    """Retry a failed training (it resumes from its last checkpoint) unless no retry can mend
+    it: a damaged or missing dataset, a known trap, a preset this host cannot run, a bad config."""
+    from pydantic import ValidationError
+
+    from chimein.data.dataset import DamagedDataset
+    from chimein.models.loading import PadTokenError
+    from chimein.presets import HardwareError
+    from chimein.train.trainer import TrainingGuardError
+
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, (DamagedDataset, FileNotFoundError, TrainingGuardError, HardwareError,
+                                PadTokenError, ValidationError, ValueError))
+
+
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=retry_training)
 def train_adapter(config: TrainConfig, parent_run_id: str | None = None,
                   tokenized: str | None = None) -> TrainResult:
     """tokenized: the train split's token rows (tasks.preprocess.tokenize_dataset), else

@@ -6,15 +6,19 @@
 The split is by conversation group (`corpus.group_key`): a conversation and all its augmentations
 land on the same side, so nothing of a training conversation leaks into the test split. The
 version id is a hash of the content (same data, same split → same id); later steps record it in
-MLflow for lineage. The local store keeps one directory per version; on the Hub, each version is a
-tag of the dataset repo.
+MLflow for lineage. The local store keeps one directory per version, with the size and sha256 of
+each of its files recorded when it was built (files.json): a version with a missing, truncated or
+changed file is found before it is used (`check_version`) and rebuilt when it is published again.
+On the Hub, each version is a tag of the dataset repo.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +26,8 @@ from chimein.conversation import Conversation, load_conversations
 from chimein.data.corpus import group_key
 from chimein.paths import hub_repo, store_dir
 
+log = logging.getLogger(__name__)
+MANIFEST = "files.json"  # a local version's files, their bytes and sha256, recorded at build
 FORMAT_VERSION = 2  # 2: a validation split; bump when the row layout changes: the same data then gets a new id
 
 @dataclass
@@ -147,17 +153,68 @@ of an assistant message after a user message.
 """
 
 
+class DamagedDataset(RuntimeError):
+    """A local dataset version whose files are not those it was built with; the message names the
+    version, the file and the fix. No retry mends it."""
+
+
+def _manifest(root: Path) -> dict[str, dict]:
+    files = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name not in (MANIFEST, "info.json"):
+            with open(p, "rb") as f:
+                files[p.relative_to(root).as_posix()] = {"bytes": p.stat().st_size,
+                                                         "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+    return files
+
+
+def check_version(path: Path) -> None:
+    """Refuse (DamagedDataset) a local version whose files differ from those recorded at build:
+    every split's files are there, whole and unchanged. A version built before the record existed
+    is checked for the files its splits name."""
+    fix = (f"delete {path} and publish it again: the retrain flow rebuilds it from its conversations "
+           f"on its next run; by hand, `chimein dataset build --data FILE`")
+    if not (path / "info.json").is_file():
+        raise DamagedDataset(f"dataset {path.name}: info.json is missing, so the version was never "
+                             f"completed; {fix}")
+    if (path / MANIFEST).is_file():
+        recorded = json.loads((path / MANIFEST).read_text())
+    else:  # built before files.json: the files its splits' state.json name
+        recorded = {f"{state.parent.name}/{d['filename']}": None for state in path.glob("*/state.json")
+                    for d in json.loads(state.read_text()).get("_data_files", [])}
+    for name, want in recorded.items():
+        file = path / name
+        if not file.is_file():
+            raise DamagedDataset(f"dataset {path.name}: {file} is missing; {fix}")
+        if want is None:
+            continue
+        if file.stat().st_size != want["bytes"]:
+            raise DamagedDataset(f"dataset {path.name}: {file} has {file.stat().st_size} bytes, "
+                                 f"{want['bytes']} when it was built (truncated?); {fix}")
+        with open(file, "rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != want["sha256"]:
+                raise DamagedDataset(f"dataset {path.name}: {file} changed since it was built; {fix}")
+
+
 def publish_local(ds, info: DatasetInfo) -> DatasetInfo:
-    """Save under store/datasets/VERSION (idempotent: an existing version is kept as is)."""
+    """Save under store/datasets/VERSION (idempotent: a complete version is kept as is; a damaged
+    one, or one a killed build left half-written, is written again)."""
     from datasets import disable_progress_bars
 
     disable_progress_bars()
     target = store_dir() / "datasets" / info.version
-    if not (target / "info.json").is_file():
+    try:
+        check_version(target)
+    except DamagedDataset as e:
+        if target.exists():
+            log.warning(f"{e.args[0].partition('; ')[0]}: rebuilding it")
+            shutil.rmtree(target)
         tmp = target.with_name(target.name + ".part")
+        shutil.rmtree(tmp, ignore_errors=True)  # what a killed build left
         ds.save_to_disk(str(tmp))
         (tmp / "README.md").write_text(dataset_card(info), encoding="utf-8")
-        (tmp / "info.json").write_text(json.dumps(asdict(info), indent=2), encoding="utf-8")
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=2), encoding="utf-8")
+        (tmp / "info.json").write_text(json.dumps(asdict(info), indent=2), encoding="utf-8")  # last: complete
         tmp.rename(target)
     info.location = f"local:{info.version}"
     return info
@@ -201,6 +258,7 @@ def load_published(ref: str):
             (store_dir() / "datasets").is_dir() else []
         raise FileNotFoundError(f"no dataset {version!r} in {path.parent}; known: "
                                 f"{', '.join(known) or 'none'} (build one with `chimein dataset build`)")
+    check_version(path)
     return load_from_disk(str(path))
 
 

@@ -132,10 +132,18 @@ def mlflow_logger(client, run_id: str):
     from transformers import TrainerCallback
 
     class MlflowLogger(TrainerCallback):
-        """Per-step metrics to one run, by id (MLflow's active run is per thread)."""
+        """Per-step metrics to one run, by id (MLflow's active run is per thread). A resumed run
+        logs only the steps the run has no point for yet: the steps an interrupted attempt made
+        after its last checkpoint are made again, and keep their first point (one per step)."""
 
         def __init__(self):
             self.last = None  # (time, tokens seen)
+            self.logged: dict[str, set[int]] = {}  # on resume: the steps each metric has already
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.global_step:  # resumed from a checkpoint
+                self.logged = {k: {m.step for m in client.get_metric_history(run_id, k)}
+                               for k in (*STEP_METRICS, "tokens_per_s")}
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             from mlflow.entities import Metric
@@ -149,7 +157,8 @@ def mlflow_logger(client, run_id: str):
             self.last = (now, seen)
             stamp = int(now * 1000)
             client.log_batch(run_id, metrics=[Metric(k, v, stamp, state.global_step)
-                                              for k, v in metrics.items() if math.isfinite(v)])
+                                              for k, v in metrics.items() if math.isfinite(v)
+                                              and state.global_step not in self.logged.get(k, ())])
 
     return MlflowLogger()
 

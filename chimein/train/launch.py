@@ -16,15 +16,20 @@ number of processes (chimein.train.distributed).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
+from chimein.paths import cache_dir
 from chimein.train import run as training
 from chimein.train.config import TrainConfig
 from chimein.train.distributed import DistributedTrainingError, check_processes, world_size
@@ -35,10 +40,47 @@ from chimein.train.trainer import progress_log
 def train(cfg, resume: bool = False, progress: bool = True, callbacks=(), parent_run_id: str | None = None,
           data=None, tags: dict[str, str] | None = None):
     """Train one adapter on cfg.trainer.processes processes (chimein.train.run.train's arguments):
-    in this process when it is 1, else on that many torchrun ranks, rank 0's TrainResult returned."""
-    if cfg.trainer.processes > 1 and world_size() == 1:
-        return launch(cfg, resume, progress, callbacks, parent_run_id, data, tags)
-    return training.train(cfg, resume, progress, callbacks, parent_run_id, data, tags)
+    in this process when it is 1, else on that many torchrun ranks, rank 0's TrainResult returned.
+    On a host without CUDA, one training at a time uses the CPU (`cpu_slot`)."""
+    relays = [cb.relay_to for cb in callbacks if getattr(cb, "relay_to", None) is not None]
+    with cpu_slot(relays[0] if relays else logging.getLogger("chimein.train")):
+        if cfg.trainer.processes > 1 and world_size() == 1:
+            return launch(cfg, resume, progress, callbacks, parent_run_id, data, tags)
+        return training.train(cfg, resume, progress, callbacks, parent_run_id, data, tags)
+
+
+@contextlib.contextmanager
+def cpu_slot(log: logging.Logger):
+    """Hold this host's CPU for one training when it has no CUDA device: a second training started
+    meanwhile (two flow runs, two `chimein train`) waits for the first and says so, since two at
+    once would share the cores with twice the threads and each run many times slower than alone.
+    The slot is an OS file lock in the cache directory: a killed training leaves nothing held. A
+    worker pinned to a GPU (`chimein worker --gpu N` sets CHIMEIN_GPU) trains under that GPU's
+    slot instead. CHIMEIN_CPU_SLOT=off trains at once anyway (benchmarks/concurrent_training.py
+    measures both)."""
+    import torch
+
+    if torch.cuda.is_available() or "CHIMEIN_GPU" in os.environ or os.environ.get("CHIMEIN_CPU_SLOT") == "off":
+        yield
+        return
+    path = cache_dir() / "cpu-training.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as slot:
+        try:
+            fcntl.flock(slot, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            slot.seek(0)
+            holder = slot.read().strip() or "another process"
+            log.warning(f"waiting for the CPU: another training holds it ({holder}); this one starts "
+                        "when it ends (two at once would each run many times slower)")
+            started = time.monotonic()
+            fcntl.flock(slot, fcntl.LOCK_EX)
+            log.warning(f"the CPU is free after {time.monotonic() - started:.0f} s: training")
+        slot.seek(0)
+        slot.truncate()
+        slot.write(f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}")
+        slot.flush()
+        yield  # closing the file releases the lock
 
 
 def _die_with_parent(sig: int) -> None:

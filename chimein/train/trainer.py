@@ -201,6 +201,9 @@ def progress_log(log, every_s: float = 10.0):
         def on_train_begin(self, args, state, control, **kwargs):
             self.start, self.first_step = time.monotonic(), state.global_step
             self.first_tokens, self.reported = state.num_input_tokens_seen, -math.inf
+            if state.global_step:  # the Trainer has loaded the checkpoint's state
+                log.info(f"resumed from checkpoint-{state.global_step}: step {state.global_step} of "
+                         f"{state.max_steps} done, {state.max_steps - state.global_step} to go")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             loss, now = (logs or {}).get("loss"), time.monotonic()

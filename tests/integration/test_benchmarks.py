@@ -55,3 +55,14 @@ def test_gpu_qlora_processes_mode_trains_on_two_ranks(tmp_path):
     (family,) = report["results"]
     trained = [row for row in family["train"].values() if "error" not in row]
     assert len(trained) >= 2 and all(row["tokens_per_s"] > 0 for row in trained)
+
+
+def test_concurrent_training_runs_both_ways_and_the_second_waits():
+    out = subprocess.run([sys.executable, "benchmarks/concurrent_training.py", "--preset", "tiny-chatml",
+                          "--train-config", "", "--steps", "2", "--skip-no-slot"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-2000:]
+    rows = re.findall(r"^(one alone|one after the other|together, the slot)\s+([\d.]+)\s+([\d.]+)x$", out.stdout, re.M)
+    assert [r[0] for r in rows] == ["one alone", "one after the other", "together, the slot"], out.stdout
+    assert all(float(seconds) > 0 for _, seconds, _ in rows)
+    assert "the second training said it waited: yes" in out.stdout and out.stdout.startswith("CPU: ")

@@ -151,7 +151,7 @@ def test_two_processes_train_one_run_resume_after_a_kill_and_match_one_process(w
     assert run.info.status == "FINISHED" and run.data.params["trainer.processes"] == "2"
     steps = [m.step for m in client.get_metric_history(run_id, "loss")]
     assert set(steps) == {1, 2, 3, 4}
-    assert steps.count(1) == steps.count(2) == steps.count(4) == 1  # 3 may be logged again after the kill
+    assert sorted(steps) == [1, 2, 3, 4]  # one point per step: 3, made again after the kill, logged once
     assert [v.version for v in client.search_model_versions(f"run_id='{run_id}'")] == [2]
     adapter = [a.path for a in client.list_artifacts(run_id, "adapter")]
     assert "adapter/adapter_model.safetensors" in adapter and "adapter/chimein.json" in adapter

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import mlflow
@@ -19,7 +20,7 @@ from chimein.models.loading import PadTokenError, load_adapter, load_base_model
 from chimein.presets import load_preset
 from chimein.train.config import load_train_config
 from chimein.train.run import train
-from chimein.train.trainer import TrainingGuardError, apply_lora, check_labelled_tokens, loss_guard
+from chimein.train.trainer import TrainingGuardError, apply_lora, check_labelled_tokens, loss_guard, progress_log
 from tests.conftest import preset_and_tokenizer
 
 PROBE = "<|im_start|>user\nAna: who wrote Dune?<|im_end|>\n<|im_start|>assistant\n"
@@ -143,6 +144,33 @@ def test_resume_continues_the_same_run_and_matches_an_uninterrupted_one(workdir,
     again = train(config("crashed"), resume=True, progress=False)
     assert again.finished_earlier and again.run_id == resumed.run_id
     assert again.registered == resumed.registered is not None
+
+
+class CrashAfterLogging(TrainerCallback):
+    """Killed after the step's loss reached MLflow, before the next checkpoint."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.global_step == self.step and "loss" in (logs or {}):
+            raise RuntimeError("simulated crash")
+
+
+def test_a_resumed_run_says_where_it_resumed_and_logs_each_step_once(workdir, caplog):
+    cfg = tiny_config(steps=4, output_dir="crashed")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, progress=False, callbacks=[CrashAfterLogging(3)])  # step 3 logged, checkpoint-2 kept
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    run_id = next(workdir.glob("crashed/*/mlflow_run_id")).read_text()
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3]
+    log = logging.getLogger("test.resume")
+    with caplog.at_level(logging.INFO, logger="test.resume"):
+        resumed = train(cfg, resume=True, progress=False, callbacks=[progress_log(log)])
+    lines = [r.getMessage() for r in caplog.records if r.name == "test.resume"]
+    assert lines[0] == "resumed from checkpoint-2: step 2 of 4 done, 2 to go", lines
+    assert resumed.run_id == run_id
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4]  # 3 once
 
 
 class PoisonLora(TrainerCallback):
