@@ -20,7 +20,13 @@ from chimein.models.loading import PadTokenError, load_adapter, load_base_model
 from chimein.presets import load_preset
 from chimein.train.config import load_train_config
 from chimein.train.run import train
-from chimein.train.trainer import TrainingGuardError, apply_lora, check_labelled_tokens, loss_guard, progress_log
+from chimein.train.trainer import (
+    TrainingGuardError,
+    apply_lora,
+    check_labelled_tokens,
+    loss_guard,
+    progress_log,
+)
 from tests.conftest import preset_and_tokenizer
 
 PROBE = "<|im_start|>user\nAna: who wrote Dune?<|im_end|>\n<|im_start|>assistant\n"
