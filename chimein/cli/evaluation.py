@@ -93,7 +93,7 @@ def evaluate_cmd(
     table.add_row("chattiness", *(f"{r['chattiness']:.3f}" if r["chattiness"] is not None else "-"
                                   for r in results.values()))
     for k in keys:
-        vals = [results[n]["metrics"][k] for n in results]
+        vals = [results[n]["metrics"].get(k) for n in results]  # no reply metric without replies
         table.add_row(k, *("-" if v is None else f"{v:.3f}" for v in vals))
     console.print(table)
     if bench and not limit:

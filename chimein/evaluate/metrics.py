@@ -148,7 +148,13 @@ def similarity(pairs: list[tuple[str, str]]) -> float | None:
     return float((a * b).sum(-1).mean())
 
 
-def report(records: list[DecisionRecord], with_similarity: bool = True) -> dict:
+REPLY_METRICS = ("empty_responses", "response_similarity", "similarity_pairs")
+
+
+def report(records: list[DecisionRecord], with_similarity: bool = True, replies: bool = True) -> dict:
+    """Decision metrics, the precision-recall curve and examples of `records`. replies=False: the
+    decisions were scored without generating replies, so no reply metric (REPLY_METRICS) is
+    reported; with_similarity=False skips only the reply similarity (a sentence model)."""
     labels = [r.label for r in records]
     metrics = decision_metrics(labels, [r.speak for r in records])
     curve, best = pr_curve(labels, [r.p_speak for r in records])
@@ -163,6 +169,8 @@ def report(records: list[DecisionRecord], with_similarity: bool = True) -> dict:
         "similarity_pairs": len(pairs),
         "best_chattiness": best.get("threshold"), "best_f1": best.get("f1"),
     }
+    if not replies:  # nothing was generated: an empty-reply count would count every speak decision
+        metrics = {k: v for k, v in metrics.items() if k not in REPLY_METRICS}
     return {"metrics": metrics, "pr_curve": curve,
             "examples": [asdict(r) for r in records if r.speak or r.label][:20]}
 

@@ -39,7 +39,7 @@ def score(system, evalset: EvalSet, limit: int | None = None, replies: bool = Tr
     `limit` conversations if given. replies=False scores the decisions alone."""
     convs = evalset.conversations[:limit] if limit else evalset.conversations
     records = evaluate(system, convs, progress=progress, replies=replies)
-    result = report(records, with_similarity=replies)
+    result = report(records, with_similarity=replies, replies=replies)
     decisions = result["metrics"]["decisions"]
     if isinstance(system, GroupChatAssistant):
         stamp = EvalStamp.of(system, evalset.fingerprint, decisions, evalset.total_decisions)

@@ -51,6 +51,7 @@ def flow_env(tmp_path) -> dict:
 
 def test_retrain_flow_end_to_end_and_cached(tmp_path):
     from chimein.evaluate.benchmark import load_benchmark
+    from chimein.evaluate.metrics import REPLY_METRICS
 
     env = flow_env(tmp_path)
     with FakeLLM("openai") as fake:
@@ -77,6 +78,8 @@ def test_retrain_flow_end_to_end_and_cached(tmp_path):
     assert run.data.metrics["bench.decisions"] == bench.decisions
     assert run.data.tags["bench.fingerprint"] == bench.fingerprint == first["benchmark_fingerprint"]
     assert run.data.tags["bench.complete"] == "true" and "bench.balanced_accuracy" in run.data.metrics
+    # the flow scores decisions only: no reply metric is logged for replies never generated
+    assert not [k for k in run.data.metrics if k.split(".")[-1] in REPLY_METRICS], run.data.metrics
     assert run.data.tags["heldout.fingerprint"] == first["dataset"].removeprefix("local:") + ":test"
     assert run.data.tags["heldout.decisions"] == str(int(run.data.metrics["heldout.decisions"]))
     assert float(run.data.tags["bench.chattiness"]) == pytest.approx(run.data.metrics["calibration.threshold"])

@@ -12,6 +12,7 @@ from chimein.cli import app
 from chimein.conversation import parse_conversation
 from chimein.evaluate.metrics import (
     HEADLINE_METRICS,
+    REPLY_METRICS,
     OpenAIBaseline,
     decision_metrics,
     evaluate,
@@ -96,6 +97,8 @@ def test_evaluate_replays_with_the_reference_history():
     assert (r["tp"], r["fp"], r["fn"], r["tn"]) == (1, 1, 1, 1)
     assert set(HEADLINE_METRICS) <= set(r) and len(set(HEADLINE_METRICS)) == len(HEADLINE_METRICS)
     assert r["format_compliance"] == 0.75 and r["similarity_pairs"] == 1
+    decisions_only = report(records, with_similarity=False, replies=False)["metrics"]
+    assert not set(REPLY_METRICS) & set(decisions_only) and decisions_only["tp"] == 1
 
 
 def test_similarity_of_replies():
