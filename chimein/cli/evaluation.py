@@ -31,6 +31,7 @@ def evaluate_cmd(
     """Evaluate when-to-speak decisions and replies, fine-tuned and baselines side by side."""
     import json
 
+    from chimein.data.dataset import DamagedDataset
     from chimein.evaluate.benchmark import load_eval_set
     from chimein.evaluate.metrics import HEADLINE_METRICS, OpenAIBaseline
     from chimein.evaluate.run import record, score
@@ -48,7 +49,7 @@ def evaluate_cmd(
               "keep --data benchmark and drop --limit")
     try:
         evalset = load_eval_set(data)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, DamagedDataset) as e:
         fail(str(e))
     bench, fingerprint, total = evalset.benchmark, evalset.fingerprint, evalset.total_decisions
     convs, rejected = evalset.conversations, evalset.rejected

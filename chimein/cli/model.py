@@ -37,6 +37,7 @@ def train(
     """QLoRA-train an adapter on a dataset version; track it in MLflow; publish the adapter."""
     from pydantic import ValidationError
 
+    from chimein.data.dataset import DamagedDataset
     from chimein.models import adapters
     from chimein.models.loading import PadTokenError
     from chimein.ops import tracking
@@ -55,7 +56,7 @@ def train(
         result = run(cfg, resume=resume)
         where = adapters.publish_adapter(result.adapter_dir, result.run_name, publish)
     except (ValidationError, FileNotFoundError, FileExistsError, HardwareError, PadTokenError,
-            PermissionError, TrainingGuardError, ValueError, DistributedTrainingError) as e:
+            PermissionError, TrainingGuardError, ValueError, DistributedTrainingError, DamagedDataset) as e:
         fail(str(e))
     table = Table("", "", title=f"trained {result.run_name}")
     table.add_row("MLflow run", f"{result.run_id} ({result.tracking_uri})")

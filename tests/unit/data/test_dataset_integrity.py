@@ -85,3 +85,21 @@ def test_no_retry_for_what_a_retry_cannot_mend():
     assert retry_training(None, None, Failed(data=damaged)) is False
     assert retry_training(None, None, Failed(data=FileNotFoundError("no dataset"))) is False
     assert retry_training(None, None, Failed(data=RuntimeError("killed worker"))) is True
+
+
+@pytest.mark.parametrize("command", [["eval", "--baseline", "openai", "--no-track"],
+                                     ["train", "--preset", "tiny-chatml", "--max-steps", "1"]])
+def test_the_commands_refuse_a_damaged_version_in_one_line(published, command, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from chimein.cli import app
+
+    _, info, path = published
+    monkeypatch.chdir(tmp_path)
+    arrow(path).unlink()
+    option = "--data" if command[0] == "eval" else "--dataset"
+    result = CliRunner().invoke(app, [*command, option, info.location])
+    assert result.exit_code == 1, result.output
+    message = " ".join(result.output.split())
+    assert f"error: dataset {info.version}:" in message and "is missing" in message, result.output
+    assert "Traceback" not in result.output
