@@ -8,7 +8,7 @@ STAMP := $(VENV)/.chimein-installed
 # torch first, pinned: the CPU build lies on local disk here; a bare `torch` would pull CUDA (GBs)
 TORCH ?= torch==2.13.0
 
-.PHONY: setup assets run test docs clean
+.PHONY: setup assets browser run test docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,14 @@ assets: setup
 run: assets
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python flows/retrain.py
 
+# the browser tests drive Debian's Chromium, headless, and its chromedriver (about 20 s to install)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "installing Debian's chromium and chromium-driver for the browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
 # the tests, then the docs site (broken links and stale config references fail it)
-test: assets
+test: assets browser
 	$(BIN)/python -m pytest -q
 	$(MAKE) docs
 

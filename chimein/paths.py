@@ -31,11 +31,21 @@ def conf_dir() -> Path:
     return checkout if checkout.is_dir() else _PACKAGE / "conf"
 
 
+DEFAULT_TRAIN_CONFIG = "defaults"  # the name of no file: the method's own settings (TrainConfig's defaults)
+CPU_TRAIN_CONFIG = "offline-cpu"  # conf/train/offline-cpu.yaml: the flows' default, what a CPU host trains
+
+
 def train_config_path(name_or_path: str | None) -> str | None:
-    """conf/train/NAME.yaml for a name, a YAML path as it is; None (the method's defaults) stays None."""
-    if name_or_path is None or Path(name_or_path).suffix in (".yaml", ".yml"):
-        return name_or_path
+    """conf/train/NAME.yaml for a name, a YAML path as it is; None or "defaults" (the method's
+    defaults) is None."""
+    if name_or_path in (None, DEFAULT_TRAIN_CONFIG) or Path(name_or_path).suffix in (".yaml", ".yml"):
+        return None if name_or_path == DEFAULT_TRAIN_CONFIG else name_or_path
     return str(conf_dir() / "train" / f"{name_or_path}.yaml")
+
+
+def list_train_configs() -> list[str]:
+    """The names a training config can be chosen by: "defaults", then conf/train/*.yaml."""
+    return [DEFAULT_TRAIN_CONFIG, *sorted(p.stem for p in (conf_dir() / "train").glob("*.yaml"))]
 
 
 def store_dir() -> Path:

@@ -8,6 +8,8 @@ tokenizer and model is chimein.models.loading.
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -136,8 +138,19 @@ def check_hardware(preset: ModelPreset, allow_cpu: bool = False) -> None:
 
     if not torch.cuda.is_available():
         raise HardwareError(
-            f"preset {preset.name!r} needs a CUDA GPU and this machine has none. Run it on a worker "
-            "of the `gpu` work pool on a GPU host (`prefect worker start --pool gpu`, "
-            f"infra/prefect.yaml), pick a CPU preset such as {DEFAULT_PRESET!r}, or set `allow_cpu: "
-            "true` (`chimein train --allow-cpu`) to run it on the CPU anyway.")
+            f"preset {preset.name!r} needs a CUDA GPU, and this host ({socket.gethostname()}) has no CUDA "
+            f"device: {cuda_absence()}. Run it where a worker sees a GPU (`chimein worker --gpu 0` on a GPU "
+            f"host, joining this pool's server), pick a CPU preset such as {DEFAULT_PRESET!r}, or set "
+            "`allow_cpu: true` (`chimein train --allow-cpu`) to run it on the CPU anyway.")
+
+
+def cuda_absence() -> str:
+    """Why torch sees no CUDA device here, in words."""
+    import torch
+
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU build"
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return "CUDA_VISIBLE_DEVICES is empty"
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no GPU (no NVIDIA driver or device)"
 

@@ -11,22 +11,27 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from chimein.evaluate.metrics import HEADLINE_METRICS
 from chimein.ops import tracking
 from chimein.presets import PresetName, check_hardware, load_preset
+from flows.naming import typed_name_or
 from flows.retrain import RetrainParams, retrain
 from tasks.model import flow_run_tags, link_mlflow_run
 
 
 class CompareParams(BaseModel):
-    presets: list[PresetName] = Field(["zephyr-7b-beta", "llama-2-7b-chat", "openchat-3.5-0106"],
-                                      description="Model presets to train on the same data (7B ones need a GPU).")
-    retrain: RetrainParams = Field(RetrainParams(train_config=None),
-                                   description="Shared retrain parameters; preset is set per child.")
-    experiment: str = Field(tracking.DEFAULT_EXPERIMENT,
-                            description="MLflow experiment of the parent run; the children join it.")
+    """Train several models on the same conversations and compare them in MLflow."""
+
+    model_config = ConfigDict(title="Compare")
+
+    presets: list[PresetName] = Field(["zephyr-7b-beta", "llama-2-7b-chat", "openchat-3.5-0106"], title="Models",
+                                      description="The base models to train on the same data (the 7B ones need a GPU).")
+    retrain: RetrainParams = Field(RetrainParams(train_config=None), title="Each retrain",
+                                   description="What every model's retrain does; its model is set per model above.")
+    experiment: str = Field(tracking.DEFAULT_EXPERIMENT, title="MLflow experiment",
+                            description="The experiment of the comparison's run; every model's run joins it.")
 
 
 def run_name() -> str:
@@ -34,7 +39,7 @@ def run_name() -> str:
     from prefect.runtime import flow_run
 
     p = CompareParams.model_validate(flow_run.parameters.get("params", {}))
-    return f"{'+'.join(p.presets)}--{flow_run.scheduled_start_time.date()}"
+    return typed_name_or(f"{'+'.join(p.presets)}--{flow_run.scheduled_start_time.date()}")
 
 
 @flow(name="compare", flow_run_name=run_name)

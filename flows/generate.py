@@ -11,19 +11,23 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from chimein.data.generation_config import GenerationSettings, load_generation_config
 from chimein.paths import PublishTarget
+from flows.naming import typed_name_or
 from tasks.data import build_and_publish_dataset, generate_conversations
 
 
 class GenerateParams(BaseModel):
     """New conversations into a new dataset version (the retrain flow shares these fields)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", title="Generate")
 
-    generation: GenerationSettings = GenerationSettings()
-    publish_dataset: PublishTarget = Field("local", description="Dataset target: local (the store) or "
-                                           "hub:ORG/NAME.")
-    data_dir: str = Field("outputs/generated", description="Where generated conversations go.")
-    refresh: bool = Field(False, description="Recompute generation (every API call again) and the dataset.")
+    generation: GenerationSettings = Field(GenerationSettings(), title="Conversations",
+                                          description=GenerationSettings.__doc__)
+    publish_dataset: PublishTarget = Field("local", title="Publish the dataset to", description="local: "
+                                           "the store on the worker; hub:ORG/NAME: a Hugging Face dataset repo.")
+    data_dir: str = Field("outputs/generated", title="Conversations directory",
+                          description="Where the generated conversations are written, on the worker.")
+    refresh: bool = Field(False, title="Make everything again", description="Ignore the cache: make the "
+                          "conversations again (every API call) and the dataset.")
 
 
 def run_name() -> str:
@@ -31,7 +35,7 @@ def run_name() -> str:
     from prefect.runtime import flow_run
 
     g = GenerateParams.model_validate(flow_run.parameters.get("params", {})).generation
-    return f"{g.source}-{g.count}--{flow_run.scheduled_start_time.date()}"
+    return typed_name_or(f"{g.source}-{g.count}--{flow_run.scheduled_start_time.date()}")
 
 
 @flow(name="generate", flow_run_name=run_name)

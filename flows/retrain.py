@@ -19,62 +19,95 @@ the same night reuses that night's data and pays for no request twice.
 from __future__ import annotations
 
 import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from chimein.data.generation import seed_for_date
 from chimein.data.generation_config import GenerationSettings, load_generation_config
 from chimein.evaluate.metrics import HEADLINE_METRICS
 from chimein.ops import tracking
-from chimein.paths import PublishTarget, train_config_path
+from chimein.paths import (
+    CPU_TRAIN_CONFIG,
+    DEFAULT_TRAIN_CONFIG,
+    PublishTarget,
+    list_train_configs,
+    train_config_path,
+)
 from chimein.presets import DEFAULT_PRESET, PresetName
 from chimein.train.config import TrainConfig, load_train_config, preflight
 from flows.generate import GenerateParams
+from flows.naming import typed_name_or
 from tasks.data import build_and_publish_dataset, generate_conversations
 from tasks.model import evaluate_adapter, promote_if_better, publish_adapter, train_adapter
 from tasks.preprocess import tokenize_dataset
 
 PromoteMetric = Literal[HEADLINE_METRICS]
+# the Prefect form offers the training configs as a choice (conf/train/ and "defaults"); a direct
+# call may still pass a YAML path, and None (the method's defaults, as before "defaults" existed)
+TrainConfigName = Annotated[str, BeforeValidator(lambda v: DEFAULT_TRAIN_CONFIG if v is None else v),
+                            WithJsonSchema({"type": "string", "enum": list_train_configs()})]
+# a date picker that may stay empty (no `date | None` type switch in the form)
+NightDate = Annotated[datetime.date | None, BeforeValidator(lambda v: v or None),
+                      WithJsonSchema({"type": "string", "format": "date"})]
 _data = GenerateParams.model_fields  # the data half of the plan: the generate flow's fields
 
 
 class RetrainParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """What this retrain run does. Every field has a default: the nightly run's."""
 
-    preset: PresetName = Field(DEFAULT_PRESET, description="Model preset (conf/models/).")
-    allow_cpu: bool = Field(False, description="Train a preset that needs a GPU (the 7B ones) on a "
-                            "machine without CUDA anyway. Off: such a run stops at once, naming the "
-                            "work pool to run it on.")
+    # each field is a field of the Prefect run form: titles and descriptions are written for the
+    # person filling it in, and a field takes a value directly (defaults, not `int | None` switches)
+
+    model_config = ConfigDict(extra="forbid", title="Retrain")
+
+    preset: PresetName = Field(DEFAULT_PRESET, title="Model", description="The base model to fine-tune "
+                               "(conf/models/). The 7B ones need a GPU worker.")
     generation: GenerationSettings = _data["generation"]
-    nightly: bool = Field(False, description="New data each night: the generation seed is derived "
-                          "from `night` (a new dataset version and training run per night; the "
-                          "same night again reuses its data).")
-    night: datetime.date | None = Field(None, description="With nightly: the night to train for. "
-                                        "Default: this flow run's scheduled start date.")
-    train_config: str | None = Field(
-        "offline-cpu", description="conf/train/NAME.yaml or a path; None: the method's defaults.")
-    max_steps: int | None = Field(None, description="Override the optimizer steps.")
-    processes: int = Field(1, ge=1, description="Train on N processes (DDP): on a GPU worker one per "
-                           "GPU, at most its GPUs. The global batch stays the config's (each process "
-                           "accumulates 1/N of it), so N only changes the speed.")
-    benchmark: bool = Field(True, description="Score the adapter on the shipped benchmark (bench.*); "
-                            "only that decides promotion.")
-    benchmark_limit: int | None = Field(
-        None, description="Score only the first N benchmark chats (a quick check: never promotes).")
-    heldout_limit: int | None = Field(
-        None, description="Held-out split check (heldout.*): only the first N conversations.")
-    chattiness: float | None = Field(
-        None, description="Speak when p_speak >= this. None: the threshold calibrated with the adapter.")
-    promote_metric: PromoteMetric = Field("balanced_accuracy", description="Benchmark metric that decides the champion.")
-    publish: PublishTarget = Field("local", description="Adapter target: local (the store) or hub:ORG/NAME.")
+    max_steps: int = Field(0, ge=0, title="Training steps", description="Optimizer steps. 0: what the "
+                           "training config says (defaults: one epoch).")
+    train_config: TrainConfigName = Field(
+        CPU_TRAIN_CONFIG, title="Training config", description="Settings from conf/train/NAME.yaml; "
+        "defaults: the QLoRA method's own (for a GPU). Outside a deployment also a YAML path.")
+    nightly: bool = Field(False, title="New data each night", description="Derive the generation seed "
+                          "from the night: each night a new dataset version and training run, and a "
+                          "rerun of the same night reuses its data.")
+    night: NightDate = Field(None, title="Night", description="With new data each night: the night to "
+                             "train for. Empty: the day this run was scheduled for.",
+                             json_schema_extra=lambda s: s.pop("default", None))  # an empty date, not null
+    benchmark: bool = Field(True, title="Score on the benchmark", description="Score the adapter on the "
+                            "shipped benchmark (bench.* in MLflow); only that decides the champion.")
+    benchmark_limit: int = Field(0, ge=0, title="Benchmark chats", description="Score only the first N "
+                                 "benchmark chats: a quick check that never moves the champion. 0: all.")
+    heldout_limit: int = Field(0, ge=0, title="Held-out chats", description="Check on the first N "
+                               "conversations of the dataset's held-out split (heldout.*). 0: all.")
+    chattiness: float = Field(0.0, ge=0, le=1, title="Chattiness", description="Speak when the model's "
+                              "p(speak) is at least this. 0: the threshold calibrated with the adapter.")
+    promote_metric: PromoteMetric = Field("balanced_accuracy", title="Champion metric", description="The "
+                                          "benchmark metric on which a new model must beat the champion.")
+    processes: int = Field(1, ge=1, title="Processes (GPUs)", description="Train on N processes (DDP), one "
+                           "per GPU of the worker. The batch stays the config's, so N changes only the speed.")
+    allow_cpu: bool = Field(False, title="Allow a 7B model on a CPU", description="Train a model that needs "
+                            "a GPU on a worker without one anyway (days). Off: such a run stops at once.")
+    publish: PublishTarget = Field("local", title="Publish the adapter to", description="local: the store "
+                                   "on the worker; hub:ORG/NAME: a Hugging Face model repo.")
     publish_dataset: PublishTarget = _data["publish_dataset"]
     data_dir: str = _data["data_dir"]
-    output_dir: str = TrainConfig.model_fields["output_dir"]
+    output_dir: str = Field(TrainConfig.model_fields["output_dir"].default, title="Training directory",
+                            description="Checkpoints and the trained adapter, on the worker.")
     refresh: bool = _data["refresh"]
+
+    @field_validator("max_steps", "benchmark_limit", "heldout_limit", "chattiness", mode="before")
+    @classmethod
+    def _none_is_zero(cls, v):
+        return 0 if v is None else v  # None: what callers sent before these fields had a default
+
+    @property
+    def fixed_chattiness(self) -> float | None:
+        return self.chattiness or None
 
 
 def scheduled_night() -> datetime.date:
@@ -91,7 +124,7 @@ def run_name() -> str:
 
     p = RetrainParams.model_validate(flow_run.parameters.get("params", {}))
     when = f"night-{p.night or scheduled_night()}" if p.nightly else str(scheduled_night())
-    return f"{p.preset}--{p.generation.source}-{p.generation.count}--{when}"
+    return typed_name_or(f"{p.preset}--{p.generation.source}-{p.generation.count}--{when}")
 
 
 # parent_run_id: the compare flow's MLflow parent run; internal, so no field of the Prefect form
@@ -103,7 +136,7 @@ def retrain(params: RetrainParams = RetrainParams(), parent_run_id: SkipJsonSche
     # more processes than GPUs, before any API call or download
     train_config = load_train_config(train_config_path(params.train_config), model=params.preset, dataset="",
                                      output_dir=params.output_dir,
-                                     **{"trainer.max_steps": params.max_steps, "trainer.processes": params.processes})
+                                     **{"trainer.max_steps": params.max_steps or None, "trainer.processes": params.processes})
     preset = preflight(train_config, params.allow_cpu)
 
     # data: cached on inputs + code, so a rerun spends no API call; a nightly run seeds by date
@@ -125,9 +158,9 @@ def retrain(params: RetrainParams = RetrainParams(), parent_run_id: SkipJsonSche
     result = train_adapter(train_config, parent_run_id, tokenized)  # processes > 1: rank 0's progress still reaches this log
 
     # evaluation: the shipped benchmark decides promotion; the held-out split is a quick check
-    bench = evaluate_adapter(result, "benchmark", chattiness=params.chattiness,
-                             limit=params.benchmark_limit) if params.benchmark else None
-    heldout = evaluate_adapter(result, "heldout", dataset, params.chattiness, params.heldout_limit)
+    bench = evaluate_adapter(result, "benchmark", chattiness=params.fixed_chattiness,
+                             limit=params.benchmark_limit or None) if params.benchmark else None
+    heldout = evaluate_adapter(result, "heldout", dataset, params.fixed_chattiness, params.heldout_limit or None)
     location = publish_adapter(result, params.publish)
     promotion = promote_if_better(result, params.promote_metric)
 

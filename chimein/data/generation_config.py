@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from chimein.paths import conf_dir
 
@@ -26,24 +26,34 @@ API_KEYS = {"openai": "OPENAI_API_KEY", "replicate": "REPLICATE_API_TOKEN"}
 
 
 
+# What a generation run chooses: the flows' `generation` parameter, one group of the Prefect run
+# form (so its title, docstring and descriptions are written for the person filling it in).
+# GenerationConfig adds the topic and name lists and the tuning, from conf/generation/default.yaml.
 class GenerationSettings(BaseModel):
-    """What a generation run chooses (the flows' `generation` parameter); GenerationConfig adds
-    the lists and tuning, from conf/generation/default.yaml."""
+    """Where the training conversations come from and how many are made."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", title="Conversation settings")
 
     source: Literal["offline", "openai", "replicate"] = Field(
-        "offline", description="offline: the curated corpus + augmentation (no key, no network); "
-        "openai: any OpenAI-compatible server; replicate: Replicate's API."
+        "offline", title="Source", description="offline: the curated corpus, augmented (no key, no "
+        "network); openai: any OpenAI-compatible server; replicate: Replicate's API."
     )
-    count: int = Field(300, gt=0, description="Accepted conversations wanted in the output "
-                       "(300: what conf/train/offline-cpu.yaml's steps are sized for).")
-    seed: int = Field(0, description="Run seed; request i's seed is derived from it.")
-    model: str | None = Field(None, description="Model id; default per source (DEFAULT_MODELS).")
-    base_url: str | None = Field(
-        None, description="API base URL: any OpenAI-compatible server (vLLM, Ollama, llama.cpp), "
-        "or a Replicate-compatible one. Default: the client's (OPENAI_BASE_URL / REPLICATE_BASE_URL)."
+    count: int = Field(300, gt=0, title="Number of conversations", description="Accepted conversations to "
+                       "make (300: what the offline-cpu training config's steps are sized for).")
+    seed: int = Field(0, title="Seed", description="The same seed makes the same conversations.")
+    model: str = Field("", title="Generator model", description="The model that writes the "
+                       "conversations. Empty: the source's default (openai: "
+                       f"{DEFAULT_MODELS['openai']}, replicate: {DEFAULT_MODELS['replicate']}).")
+    base_url: str = Field(
+        "", title="API base URL", description="Any OpenAI-compatible server (vLLM, Ollama, "
+        "llama.cpp) or a Replicate-compatible one. Empty: the client's (OPENAI_BASE_URL / "
+        "REPLICATE_BASE_URL, else the provider's)."
     )
+
+    @field_validator("model", "base_url", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v):
+        return "" if v is None else v  # configs and API callers written before the fields had defaults
 
 
 class GenerationConfig(GenerationSettings):

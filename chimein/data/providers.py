@@ -53,7 +53,7 @@ def _api_key(source: str) -> str:
 def openai_source(cfg: GenerationConfig) -> Callable[[str, RequestSpec], Completion]:
     import openai
 
-    client = openai.OpenAI(api_key=_api_key("openai"), base_url=cfg.base_url,
+    client = openai.OpenAI(api_key=_api_key("openai"), base_url=cfg.base_url or None,
                            max_retries=0, timeout=cfg.timeout_s)  # retries are ours, counted
 
     def complete(prompt: str, spec: RequestSpec) -> Completion:
@@ -86,7 +86,7 @@ def replicate_source(cfg: GenerationConfig) -> Callable[[str, RequestSpec], Comp
     import replicate
     from replicate.exceptions import ModelError, ReplicateError
 
-    client = replicate.Client(api_token=_api_key("replicate"), base_url=cfg.base_url,
+    client = replicate.Client(api_token=_api_key("replicate"), base_url=cfg.base_url or None,
                               timeout=httpx.Timeout(cfg.timeout_s))
     owner, name = cfg.model_id.split("/", 1)
 

@@ -40,23 +40,50 @@ REPO = Path(__file__).resolve().parents[2]
 
 @dataclass(frozen=True)
 class Stack:
+    """A stack's directory, ports and pool. `mlflow_store`: the SQLite file its MLflow server serves
+    (None: root/mlflow.db); `chimein up` passes ./mlflow.db, the store `make run` and `chimein train`
+    write without MLFLOW_TRACKING_URI, so the UI on :5000 shows their runs and champion. A worker that
+    joins servers elsewhere (another host's) names them: `prefect_url` (a Prefect API URL) and
+    `mlflow_url` replace the loopback ports."""
+
     root: Path
     prefect_port: int = 4200
     mlflow_port: int = 5000
     pool: str = "gpu"
+    mlflow_store: Path | None = None
+    prefect_url: str | None = None
+    mlflow_url: str | None = None
 
     @property
     def prefect_api(self) -> str:
-        return f"http://127.0.0.1:{self.prefect_port}/api"
+        return (self.prefect_url or f"http://127.0.0.1:{self.prefect_port}/api").rstrip("/")
+
+    @property
+    def local(self) -> bool:
+        """Whether its Prefect server is this host's stack (not a shared one elsewhere)."""
+        return self.prefect_api == f"http://127.0.0.1:{self.prefect_port}/api"
+
+    @property
+    def prefect_ui(self) -> str:
+        return self.prefect_api.removesuffix("/api")
 
     @property
     def mlflow_uri(self) -> str:
-        return f"http://127.0.0.1:{self.mlflow_port}"
+        return (self.mlflow_url or f"http://127.0.0.1:{self.mlflow_port}").rstrip("/")
+
+    @property
+    def store(self) -> Path:
+        """The MLflow server's SQLite file; its artifacts go beside it, in mlruns/ (as `make run`'s)."""
+        return (self.mlflow_store or self.root / "mlflow.db").resolve()
 
     def env(self) -> dict[str, str]:
         """What every stack process, and the flow runs the worker starts, should see."""
         return {**os.environ, "PREFECT_HOME": str(self.root / "prefect"),
                 "PREFECT_API_URL": self.prefect_api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                # the UI calls the API on the stack's port (its default is :4200 whatever the port);
+                # the v1 UI, as the v2 one fetches Amplitude's config even with analytics off
+                "PREFECT_SERVER_UI_API_URL": self.prefect_api, "PREFECT_SERVER_UI_V2_ENABLED": "false",
+                "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
                 "MLFLOW_TRACKING_URI": self.mlflow_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
                 "CHIMEIN_REPO": str(REPO)}
 
@@ -182,8 +209,10 @@ def _start(stack: Stack, name: str, cmd: list[str], port: int | None = None, hea
     return state
 
 
-def _prefect(stack: Stack, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *args], env=stack.env(),
+def _prefect(stack: Stack, *args: str, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """Run the prefect CLI against the stack; `env`: changes to its environment (None removes)."""
+    environ = {k: v for k, v in (stack.env() | (env or {})).items() if v is not None}
+    proc = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *args], env=environ,
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"prefect {' '.join(args)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
@@ -217,6 +246,28 @@ def _keep_paused(stack: Stack, before: dict[str, tuple[bool, list[dict]]]) -> No
                 _api(stack, "PATCH", f"/deployments/{d['id']}/schedules/{s['id']}", {"active": False})
 
 
+POOL_DESCRIPTION = (
+    "chimein's flow runs (infra/prefect.yaml). Each worker runs them on its own host: on a GPU when "
+    "it has one (`chimein worker --gpu N` pins one), else on the CPU, where only the small offline "
+    "model trains in reasonable time.")
+
+
+def _deploy_for_cpu(stack: Stack) -> str:
+    """On a stack without a GPU, the nightly deployment's default run (its schedule, Quick run)
+    trains the offline preset on the CPU with conf/train/offline-cpu.yaml instead of a 7B model
+    that would stop at once every night."""
+    from chimein.paths import CPU_TRAIN_CONFIG
+    from chimein.presets import DEFAULT_PRESET
+
+    d = _api(stack, "GET", "/deployments/name/retrain/nightly-retrain")
+    params = d["parameters"]
+    params["params"] = params.get("params", {}) | {"preset": DEFAULT_PRESET, "train_config": CPU_TRAIN_CONFIG}
+    _api(stack, "PATCH", f"/deployments/{d['id']}", {
+        "parameters": params, "description": f"{d['description']} This host has no CUDA device, so "
+        f"`chimein up` set its model to {DEFAULT_PRESET} (the offline preset, about 10 minutes on a CPU)."})
+    return f"deployed with {DEFAULT_PRESET} on the CPU (no CUDA device here; the 7B presets need a GPU worker)"
+
+
 def _workers(stack: Stack) -> list[str]:
     """The stack's workers that have a pid file: `worker` (unpinned) and `worker-gpuN`."""
     pinned = sorted(p.stem for p in stack.root.glob("worker-gpu*.pid"))
@@ -243,21 +294,50 @@ def _pool_limit(stack: Stack) -> None:
 
 def worker(stack: Stack, gpu: int | None = None) -> str:
     """Start (or find running) a worker on the stack's pool: pinned to GPU `gpu` and its slot
-    `gpu:N`, or (None) the unpinned one, which sees every GPU and holds no slot."""
+    `gpu:N`, or (None) the unpinned one, which sees every GPU and holds no slot. The servers it
+    joins are the stack's, or those `prefect_url` / `mlflow_url` name (a worker on another host):
+    the server must answer and have the pool, else nothing starts."""
+    _check_server(stack)
     name, env = "worker", {}
     if gpu is not None:
         _gpu_limit(stack, gpu)
         name, env = f"worker-gpu{gpu}", {"CUDA_VISIBLE_DEVICES": str(gpu), "CHIMEIN_GPU": str(gpu)}
+    stack.root.mkdir(parents=True, exist_ok=True)
     state = _start(stack, name, [
         sys.executable, "-m", "prefect", "worker", "start", "--pool", stack.pool, "--type", "process",
-        "--name", f"chimein-{name}", "--limit", "1"], env=env)
-    _pool_limit(stack)
+        "--name", f"chimein-{name}-{socket.gethostname()}", "--limit", "1"], env=env)
+    if stack.local:  # a pool shared with other hosts keeps the limit its owner set
+        _pool_limit(stack)
     return state
 
 
-def up(stack: Stack, workers: int = 0) -> dict[str, str]:
+def _check_server(stack: Stack) -> None:
+    """The Prefect server answers at stack.prefect_api and has the pool; else a RuntimeError that
+    names the URL and the fix."""
+    try:
+        _api(stack, "GET", f"/work_pools/{urllib.parse.quote(stack.pool)}")
+    except urllib.error.HTTPError as e:
+        if e.code != 404:
+            raise RuntimeError(f"the Prefect server at {stack.prefect_api} answered {e.code} {e.reason}") from None
+        raise RuntimeError(
+            f"the Prefect server at {stack.prefect_api} has no work pool {stack.pool!r}: create it and "
+            "the deployments there first (`chimein up` on that host, or `prefect deploy --prefect-file "
+            "infra/prefect.yaml --all` as infra/README.md says)") from None
+    except OSError as e:
+        reason = getattr(e, "reason", e)
+        raise RuntimeError(
+            f"no Prefect server answers at {stack.prefect_api} ({reason}): start the stack (`chimein "
+            "up`), or point PREFECT_API_URL (or --prefect-api-url) at the shared server") from None
+
+
+def up(stack: Stack, workers: int = 0, cuda: bool | None = None) -> dict[str, str]:
     """Start (or find running) the servers, create the pool, deploy, start a worker; `workers`
-    N > 0: one per GPU 0..N-1 instead, each pinned to its GPU and slot."""
+    N > 0: one per GPU 0..N-1 instead, each pinned to its GPU and slot. `cuda`: whether this host's
+    workers have a GPU (None: ask torch); without one the nightly deployment runs the offline preset."""
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
     stack.root.mkdir(parents=True, exist_ok=True)
     _check_port(stack, "prefect-server", stack.prefect_port, "--prefect-port")
     _check_port(stack, "mlflow-server", stack.mlflow_port, "--mlflow-port")
@@ -265,21 +345,29 @@ def up(stack: Stack, workers: int = 0) -> dict[str, str]:
         "prefect-server": _start(stack, "prefect-server", [
             sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
             "--port", str(stack.prefect_port)], stack.prefect_port, f"{stack.prefect_api}/health"),
+        # artifacts beside the store, as a local client (`make run`) lays them out, so runs logged
+        # through the server and runs logged to the file directly read alike; proxied artifacts of
+        # experiments made by an older stack (mlflow-artifacts:/) are still served from mlartifacts/
         "mlflow-server": _start(stack, "mlflow-server", [
             sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(stack.mlflow_port),
-            "--backend-store-uri", f"sqlite:///{stack.root / 'mlflow.db'}",
-            "--artifacts-destination", str(stack.root / "mlartifacts"), "--workers", "1"],
+            "--backend-store-uri", f"sqlite:///{stack.store}",
+            "--default-artifact-root", str(stack.store.parent / "mlruns"),
+            "--artifacts-destination", str(stack.store.parent / "mlartifacts"), "--workers", "1"],
             stack.mlflow_port, f"{stack.mlflow_uri}/health"),
     }
-    template = REPO / "infra" / "work-pools" / "process.json"
-    job = json.loads(template.read_text())
-    job["variables"]["properties"]["env"]["default"] = {"MLFLOW_TRACKING_URI": stack.mlflow_uri}
-    (stack.root / "process-pool.json").write_text(json.dumps(job))
+    # the pool's jobs set no environment of their own: a flow run gets its worker's (the servers it
+    # joined, its GPU), so one pool serves workers on hosts that reach the servers by other names
     _prefect(stack, "work-pool", "create", stack.pool, "--type", "process", "--overwrite",
-             "--base-job-template", str(stack.root / "process-pool.json"))
+             "--base-job-template", str(REPO / "infra" / "work-pools" / "process.json"))
+    _api(stack, "PATCH", f"/work_pools/{stack.pool}", {"description": POOL_DESCRIPTION})
     paused = _paused(stack)
-    _prefect(stack, "deploy", "--prefect-file", str(REPO / "infra" / "prefect.yaml"), "--all")
+    # without CHIMEIN_REPO: `prefect deploy` would write the deploying shell's value into the
+    # deployments' pull step; left out, each worker resolves it from its own environment
+    _prefect(stack, "deploy", "--prefect-file", str(REPO / "infra" / "prefect.yaml"), "--all",
+             env={"CHIMEIN_REPO": None})
     _keep_paused(stack, paused)
+    if not cuda:
+        status["nightly-retrain"] = _deploy_for_cpu(stack)
     if workers:
         status |= {f"worker-gpu{gpu}": worker(stack, gpu) for gpu in range(workers)}
     else:

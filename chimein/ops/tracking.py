@@ -89,23 +89,39 @@ def experiment_id(client, name: str = DEFAULT_EXPERIMENT) -> str:
     return experiment.experiment_id
 
 
+# MLflow 3.17 and 3.18 open every experiment in the GenAI view (traces, "Detect issues") unless the
+# page's URL asks for the other one: the UI keeps a global GenAI / Model training switch in the
+# browser's local storage, starting on GenAI, and no server option or experiment tag changes that
+# start (the `mlflow.experimentKind` tag only names the kind). Every link chimein prints or stores
+# therefore carries the query parameter that opens the runs view.
+RUNS_VIEW = "workflowType=machine_learning"
+UI_START_S = 40  # `mlflow ui` / `mlflow server` on 2 cores: up to this many seconds before it answers
+
+
+def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
+    """A page of the MLflow UI at `base` that opens in the runs view: the experiment's runs table,
+    or (run_id) the run's page."""
+    page = f"experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return f"{base.rstrip('/')}/#/{page}?{RUNS_VIEW}"
+
+
 def run_url(client, run_id: str) -> str | None:
     """The run's page on the tracking server; None for a local store (no server to link to)."""
     uri = tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return None
-    run = client.get_run(run_id)
-    return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return ui_url(uri, client.get_run(run_id).info.experiment_id, run_id)
 
 
 def ui_hint(run_id: str) -> str:
     """One line saying where to look at a run: its page on the tracking server, or the command that
-    opens this local store in the MLflow UI."""
-    url = run_url(client(), run_id)
-    if url:
+    serves this local store and the page to open once it is up."""
+    c = client()
+    if url := run_url(c, run_id):
         return f"MLflow run: {url}"
-    return (f"open the MLflow UI: mlflow ui --backend-store-uri {tracking_uri()}  "
-            "(then http://127.0.0.1:5000)")
+    page = ui_url("http://127.0.0.1:5000", c.get_run(run_id).info.experiment_id, run_id)
+    return (f"open the MLflow UI: mlflow ui --backend-store-uri {tracking_uri()}  (it can take up to "
+            f"{UI_START_S} s to answer), then {page}")
 
 
 def log_dataset(client, run_id: str, version: str, source: str, counts: dict[str, int],

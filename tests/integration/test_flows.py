@@ -292,7 +292,7 @@ def test_retrain_summary_says_what_was_decided_and_why():
              "false_interruption_rate": 0.04, "precision": 0.7, "recall": 0.9, "macro_f1": 0.6,
              "format_compliance": 1.0, "chattiness": 0.3}
     md = summary_markdown({"run_name": "tiny-chatml--ds-1--abc", "run_id": "r1", "preset": "tiny-chatml",
-                           "run_url": "http://127.0.0.1:5000/#/experiments/1/runs/r1",
+                           "run_url": "http://127.0.0.1:5000/#/experiments/1/runs/r1?workflowType=machine_learning",
                            "dataset": "local:ds-1", "adapter": "local:tiny-chatml--ds-1--abc",
                            "registered": "chimein-tiny-chatml/2", "train_loss": 1.23456,
                            "champion": {"moved": False, "reason": "balanced_accuracy 0.500 < 0.700: not better"},
@@ -306,7 +306,7 @@ def test_retrain_summary_says_what_was_decided_and_why():
     assert "held-out" not in md  # not scored: no row
     for line in ("| adapter | `local:tiny-chatml--ds-1--abc` |", "| registered model | chimein-tiny-chatml/2 |",
                  "| train loss | 1.235 |", "| preset | tiny-chatml |",
-                 "| MLflow run | [r1](http://127.0.0.1:5000/#/experiments/1/runs/r1) |"):
+                 "| MLflow run | [r1](http://127.0.0.1:5000/#/experiments/1/runs/r1?workflowType=machine_learning) |"):
         assert line in md
 
 
@@ -334,7 +334,9 @@ def test_a_7b_preset_on_a_machine_without_cuda_stops_at_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
     assert result["state"] == "FAILED" and result["seconds"] < 10
-    assert "needs a CUDA GPU" in proc.stderr and "`gpu` work pool" in proc.stderr and "allow_cpu" in proc.stderr
+    # what is wrong here (this host has no CUDA device), not "run it on the gpu pool" (it already is)
+    assert "needs a CUDA GPU, and this host" in proc.stderr and "has no CUDA device: " in proc.stderr
+    assert "`gpu` work pool" not in proc.stderr and "allow_cpu" in proc.stderr
     assert not (tmp_path / "outputs").exists()  # nothing generated, nothing trained
     today = datetime.datetime.now(datetime.timezone.utc).date()  # a scheduled start time is UTC
     assert result["name"] == f"zephyr-7b-beta--offline-300--{today}"

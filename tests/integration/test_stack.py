@@ -53,10 +53,24 @@ def test_local_stack_runs_the_nightly_deployment(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_WORKER_QUERY_SECONDS", "2")
     stack = Stack(tmp_path / "stack", free_port(), free_port())
     try:
-        assert up(stack) == {"prefect-server": "started", "mlflow-server": "started", "worker": "started"}
-        assert up(stack) == {"prefect-server": "running", "mlflow-server": "running", "worker": "running"}
+        on_cpu = "deployed with smollm2-135m-instruct on the CPU (no CUDA device here; the 7B presets need a GPU worker)"
+        assert up(stack, cuda=False) == {"prefect-server": "started", "mlflow-server": "started",
+                                         "nightly-retrain": on_cpu, "worker": "started"}
+        assert up(stack, cuda=False) == {"prefect-server": "running", "mlflow-server": "running",
+                                         "nightly-retrain": on_cpu, "worker": "running"}
+        nightly = httpx.get(f"{stack.prefect_api}/deployments/name/retrain/nightly-retrain").json()
+        # a CPU stack's nightly run (and Quick run) trains the offline preset, not a 7B one that stops at once
+        assert nightly["parameters"]["params"]["preset"] == "smollm2-135m-instruct"
+        assert nightly["parameters"]["params"]["train_config"] == "offline-cpu"
+        assert "no CUDA device" in nightly["description"] and "03:00 Europe/Berlin" in nightly["description"]
+        # the pull step names no path of this clone: each worker resolves CHIMEIN_REPO itself
+        assert nightly["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {
+            "directory": "{{ $CHIMEIN_REPO }}"}}]
+        pool = httpx.get(f"{stack.prefect_api}/work_pools/gpu").json()
+        assert "on the CPU" in pool["description"]
+        assert pool["base_job_template"]["variables"]["properties"]["env"]["default"] == {}
 
-        params = {"preset": "tiny-chatml", "train_config": None, "max_steps": 2, "heldout_limit": 1,
+        params = {"preset": "tiny-chatml", "train_config": "defaults", "max_steps": 2, "heldout_limit": 1,
                   "generation": {"count": 8}, "data_dir": str(tmp_path / "generated"),
                   "output_dir": str(tmp_path / "train")}
         proc = subprocess.run([sys.executable, "-c", API_SCRIPT, json.dumps(params)], env=stack.env(),
@@ -126,9 +140,14 @@ def test_up_down_five_times_leaves_no_process_and_keeps_what_the_user_paused(tmp
     try:
         for cycle in range(5):
             r = chimein("up", "--dir", str(root), "--prefect-port", str(prefect_port),
-                        "--mlflow-port", str(mlflow_port), timeout=300)
+                        "--mlflow-port", str(mlflow_port), "--mlflow-store", str(tmp_path / "mlflow.db"), timeout=300)
             assert r.returncode == 0, r.stdout + r.stderr
             assert all(f"{n}: started" in r.stdout for n in names), r.stdout
+            # the link opens the experiment's runs table (MLflow's UI would start on its GenAI view)
+            experiment = mlflow.MlflowClient(f"http://127.0.0.1:{mlflow_port}").get_experiment_by_name("chimein")
+            assert (f"MLflow UI   http://127.0.0.1:{mlflow_port}/#/experiments/{experiment.experiment_id}/runs"
+                    "?workflowType=machine_learning") in r.stdout
+            assert f"MLflow store sqlite:///{tmp_path / 'mlflow.db'}" in r.stdout and (tmp_path / "mlflow.db").is_file()
             pgids = {os.getpgid(p.pid) for p in stack_processes(root)}
             assert len(pgids) == 3, stack_processes(root)  # a group per service
 

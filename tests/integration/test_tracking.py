@@ -135,12 +135,17 @@ def test_run_url_names_the_runs_experiment(trained, monkeypatch):
     run_id = trained.run.info.run_id
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     url = tracking.run_url(trained.client, run_id)
-    assert url == f"http://mlflow.example:5000/#/experiments/{trained.run.info.experiment_id}/runs/{run_id}"
-    assert trained.run.info.experiment_id != "0"
+    # the runs view: without the parameter MLflow 3.17's UI opens the GenAI view (traces)
+    experiment = trained.run.info.experiment_id
+    assert url == f"http://mlflow.example:5000/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
+    assert experiment != "0"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained.env["MLFLOW_TRACKING_URI"])
     assert tracking.run_url(trained.client, run_id) is None
-    assert tracking.ui_hint(run_id).startswith(
+    hint = tracking.ui_hint(run_id)
+    assert hint.startswith(
         f"open the MLflow UI: mlflow ui --backend-store-uri {trained.env['MLFLOW_TRACKING_URI']}")
+    assert hint.endswith(
+        f"then http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning")
 
 
 def test_eval_logs_one_scheme_on_its_own_run_and_on_the_training_run(trained, monkeypatch):

@@ -7,6 +7,7 @@ made once, by one of them); `down` stops everything."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import httpx
@@ -50,7 +51,7 @@ def test_two_workers_run_two_retrains_at_once_without_collisions(tmp_path, monke
 
         # two runs of the nightly deployment with the same parameters, triggered together
         deployment = api.get("/deployments/name/retrain/nightly-retrain").json()
-        params = {"preset": "tiny-chatml", "train_config": None, "max_steps": 2, "benchmark": False,
+        params = {"preset": "tiny-chatml", "train_config": "defaults", "max_steps": 2, "benchmark": False,
                   "heldout_limit": 1, "generation": {"count": 8}, "data_dir": str(tmp_path / "generated"),
                   "output_dir": str(tmp_path / "train")}
         created = [api.post(f"/deployments/{deployment['id']}/create_flow_run",
@@ -76,7 +77,8 @@ def test_two_workers_run_two_retrains_at_once_without_collisions(tmp_path, monke
         by_flow_run = {r.data.tags["prefect.flow_run_id"]: r for r in mlruns}
         assert sorted(by_flow_run) == sorted(ids) and len(mlruns) == 2
         tags = [by_flow_run[i].data.tags for i in ids]
-        assert {t["prefect.worker_name"] for t in tags} == {"chimein-worker-gpu0", "chimein-worker-gpu1"}
+        host = socket.gethostname()  # worker names are unique across the hosts of a pool
+        assert {t["prefect.worker_name"] for t in tags} == {f"chimein-worker-gpu0-{host}", f"chimein-worker-gpu1-{host}"}
         assert {(t["chimein.gpu_slot"], t["chimein.cuda_visible_devices"]) for t in tags} == {
             ("gpu:0", "0"), ("gpu:1", "1")}
         for t in tags:  # the worker that the run's tags name is the one that started it
