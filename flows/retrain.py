@@ -188,7 +188,7 @@ def retrain(params: RetrainParams = RetrainParams(), parent_run_id: SkipJsonSche
 
 def summary_markdown(summary: dict, metric: str) -> str:
     """The `retrain-summary` artifact: the champion decision and why, the scores, what was made."""
-    keys = ["decisions", *HEADLINE_METRICS, "chattiness"]
+    keys = ["decisions", *HEADLINE_METRICS, "answer_accuracy", "hedge_rate", "confident_error_rate", "chattiness"]
 
     def cell(v):
         return f"{v:.3f}" if isinstance(v, float) else str(v)

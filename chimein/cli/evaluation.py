@@ -11,6 +11,7 @@ from rich.table import Table
 
 from chimein.cli.common import CHATTINESS_HELP, app, console, err, fail
 from chimein.data.generation_config import DEFAULT_MODELS
+from chimein.evaluate.answers import ANSWER_METRICS
 
 
 @app.command("eval")
@@ -88,14 +89,14 @@ def evaluate_cmd(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(full, indent=2, ensure_ascii=False))
 
-    keys = [*HEADLINE_METRICS, "response_similarity", "best_chattiness"]
+    keys = [*HEADLINE_METRICS, *ANSWER_METRICS, "response_similarity", "best_chattiness"]
     table = Table("metric", *results, title=f"{fingerprint}: {len(convs)} conversations, {decisions} "
                   f"of {total} decisions")
     table.add_row("chattiness", *(f"{r['chattiness']:.3f}" if r["chattiness"] is not None else "-"
                                   for r in results.values()))
     for k in keys:
         vals = [results[n]["metrics"].get(k) for n in results]  # no reply metric without replies
-        table.add_row(k, *("-" if v is None else f"{v:.3f}" for v in vals))
+        table.add_row(k, *("-" if v is None else str(v) if isinstance(v, int) else f"{v:.3f}" for v in vals))
     console.print(table)
     if bench and not limit:
         cases = Table("hard case", "decisions", *(f"{n} bal. acc." for n in results), title="by case")
@@ -103,6 +104,15 @@ def evaluate_cmd(
             cases.add_row(case, str(m["decisions"]),
                           *(f"{results[n]['by_case'][case]['balanced_accuracy']:.3f}" for n in results))
         console.print(cases)
+        langs = [k for k in results[next(iter(results))]["by_case"] if k.startswith("lang:")]
+        if any("factual_turns" in results[n]["by_case"][lang] for n in results for lang in langs):
+            rates = Table("language", *(f"{n} {r}" for n in results for r in ("right", "hedged", "wrong")),
+                          title="replies at factual turns (forced)")
+            for lang in langs:
+                rates.add_row(lang.removeprefix("lang:"), *(
+                    "-" if (m := results[n]["by_case"][lang]).get("factual_turns") is None else f"{m[k]:.3f}"
+                    for n in results for k in ("answer_accuracy", "hedge_rate", "confident_error_rate")))
+            console.print(rates)
     console.print(f"report: {out}")
     if not (track or log_to_run):
         return

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chimein.conversation import Conversation, load_conversations
+from chimein.evaluate.answers import Answer, load_answers
+from chimein.evaluate.answers import fingerprint as answers_fingerprint
 from chimein.evaluate.records import eval_prefix
 
 BENCHMARK_DIR = Path(__file__).resolve().parent / "cases"
@@ -49,6 +51,16 @@ class Benchmark:
     languages: tuple[str, ...]
     cases: tuple[tuple[str, ...], ...]  # the hard cases each chat covers
     fingerprint: str  # "bench-" + hash of the validated conversations
+    answers: tuple[Answer, ...] = ()  # what is right at each assistant turn (*.answers.jsonl)
+
+    @property
+    def answers_fingerprint(self) -> str | None:
+        return answers_fingerprint(list(self.answers)) if self.answers else None
+
+    def factual(self) -> dict[tuple[int, int], Answer]:
+        """(chat index, index of the user message answered) → its `fact` annotation."""
+        index = {chat: i for i, chat in enumerate(self.ids)}
+        return {(index[a.chat], a.turn - 1): a for a in self.answers if a.kind == "fact"}
 
     @property
     def decisions(self) -> int:
@@ -71,7 +83,7 @@ def load_benchmark(directory: str | Path = BENCHMARK_DIR) -> Benchmark:
     """Every chat of the benchmark, strictly validated (a bad line is a bug in the package)."""
     directory = Path(directory)
     convs, ids, langs, cases = [], [], [], []
-    files = sorted(p for p in directory.glob("*.jsonl") if not p.name.endswith(".cases.jsonl"))
+    files = sorted(p for p in directory.glob("*.jsonl") if not p.name.endswith((".cases.jsonl", ".answers.jsonl")))
     if not files:
         raise FileNotFoundError(f"no benchmark chats in {directory}")
     for path in files:
@@ -90,7 +102,13 @@ def load_benchmark(directory: str | Path = BENCHMARK_DIR) -> Benchmark:
             ids.append(tag["id"])
             langs.append(tag["lang"])
             cases.append(tuple(tag["cases"]))
-    return Benchmark(tuple(convs), tuple(ids), tuple(langs), tuple(cases), fingerprint(convs))
+    answers = []
+    for path in files:
+        answers_file = path.with_name(path.stem + ".answers.jsonl")
+        if answers_file.is_file():
+            chats = {i: c.messages for i, c in zip(ids, convs) if i.startswith(path.stem + "-")}
+            answers += load_answers(answers_file, chats)
+    return Benchmark(tuple(convs), tuple(ids), tuple(langs), tuple(cases), fingerprint(convs), tuple(answers))
 
 
 def metrics_by_case(benchmark: Benchmark, records) -> dict[str, dict]:

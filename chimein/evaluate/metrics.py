@@ -37,6 +37,7 @@ class DecisionRecord:
     format_mass: float
     response: str | None
     reference: str | None
+    forced_reply: str | None = None  # the reply it was made to give here (a factual turn), speaking or not
 
 
 def decision_metrics(labels: list[bool], preds: list[bool]) -> dict[str, float]:
@@ -99,35 +100,58 @@ def calibrate_threshold(labels: list[bool], scores: list[float],
 
 
 def evaluate(system, conversations: list[Conversation], progress: bool = False,
-             replies: bool = True) -> list[DecisionRecord]:
+             replies: bool = True, force_at: frozenset[tuple[int, int]] = frozenset()) -> list[DecisionRecord]:
     """Replay each conversation through `system` (add / set_reply / reset, like
     GroupChatAssistant), recording the decision at every user message. replies=False scores the
     decisions alone (no generation, no reply similarity), each conversation in one forward pass
-    where the system can (`score_conversation`): several times faster, the same p_speak."""
+    where the system can (`score_conversation`): several times faster, the same p_speak.
+    `force_at`: (conversation, user message) pairs where the system is also made to reply,
+    whatever it decided (`forced_reply`; systems that can, i.e. have `reply()`)."""
     from rich.progress import track
 
     records = []
     one_pass = not replies and hasattr(system, "score_conversation")
+    force_at = force_at if hasattr(system, "reply") else frozenset()
     for ci, conv in track(list(enumerate(conversations)), description="evaluating", disable=not progress):
         msgs = conv.messages
+        forced_here = {i for c, i in force_at if c == ci}
 
         def reference(i):
             return msgs[i + 1].content if i + 1 < len(msgs) and msgs[i + 1].role == "assistant" else None
 
         scored = system.score_conversation(conv) if one_pass else None
         if scored is not None:  # the same decisions, in one forward pass
+            forced = forced_replies(system, conv, forced_here) if forced_here else {}
             records += [DecisionRecord(ci, i, reference(i) is not None, p >= system.chattiness, p, mass,
-                                       None, reference(i)) for i, p, mass in scored]
+                                       None, reference(i), forced.get(i)) for i, p, mass in scored]
             continue
         system.reset()
         for i, m in enumerate(msgs):
             if m.role != "user":
                 continue
             d: Decision = system.add(m.name, m.content, reply=replies)
+            forced = None
+            if i in forced_here:
+                forced = d.response if d.speak and replies else system.reply().response
             records.append(DecisionRecord(ci, i, reference(i) is not None, d.speak, d.p_speak,
-                                          d.format_mass, d.response, reference(i)))
+                                          d.format_mass, d.response, reference(i), forced))
             system.set_reply(reference(i))  # teacher forcing
     return records
+
+
+def forced_replies(system, conv: Conversation, turns: set[int]) -> dict[int, str | None]:
+    """The replies `system` gives when made to answer the user messages `turns` of `conv`, each
+    with the reference history before it (its KV cache kept from one to the next)."""
+    msgs, out = conv.messages, {}
+    system.reset()
+    for i, m in enumerate(msgs[:max(turns) + 1]):
+        if m.role != "user":
+            continue
+        system.add(m.name, m.content, reply=False)
+        if i in turns:
+            out[i] = system.reply().response
+        system.set_reply(msgs[i + 1].content if i + 1 < len(msgs) and msgs[i + 1].role == "assistant" else None)
+    return out
 
 
 @functools.cache

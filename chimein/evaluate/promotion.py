@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from chimein.evaluate.records import BENCH, EvalStamp
 
-METRICS = ("balanced_accuracy", "macro_f1", "f1", "precision", "recall", "accuracy")
-LOWER_IS_BETTER = ("missed_intervention_rate", "false_interruption_rate")
+METRICS = ("balanced_accuracy", "macro_f1", "f1", "precision", "recall", "accuracy", "answer_accuracy")
+LOWER_IS_BETTER = ("missed_intervention_rate", "false_interruption_rate", "confident_error_rate")
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,12 @@ class Verdict:
 
 
 def compare(metric: str, new_value: float | None, new: EvalStamp | None,
-            holder: tuple[str, float | None, EvalStamp | None] | None) -> Verdict:
+            holder: tuple[str, float | None, EvalStamp | None] | None,
+            errors: tuple[float | None, float | None] = (None, None)) -> Verdict:
     """Whether a new version takes the alias from its holder: (name, value, stamp), or None when
-    nobody holds it."""
+    nobody holds it. `errors`: the confident-error rates at the benchmark's factual turns (new,
+    holder): a version more often confidently wrong than the holder, on the same annotations,
+    does not take the alias whatever its `metric`."""
     if new is None or new_value is None:
         return Verdict(False, f"this run has no benchmark evaluation (bench.{metric}); promotion needs one")
     if not new.complete:
@@ -59,6 +62,13 @@ def compare(metric: str, new_value: float | None, new: EvalStamp | None,
                               "(`chimein eval --adapter models:/NAME@champion --log-to-run`) to compare")
     better = new_value < holder_value if metric in LOWER_IS_BETTER else new_value > holder_value
     sign = ">" if new_value > holder_value else "<" if new_value < holder_value else "="
+    new_errors, holder_errors = errors
+    if better and None not in (new_errors, holder_errors) and new.answers and new.answers == stamp.answers \
+            and new_errors > holder_errors:
+        return Verdict(False, f"{metric} {new_value:.3f} {sign} {holder_value:.3f} of {holder_name}, but "
+                              f"confidently wrong at {new_errors:.1%} of the factual turns of {new.fingerprint}, "
+                              f"more often than its {holder_errors:.1%}: a wrong reply costs as much as a "
+                              "wrong decision")
     if better:
         return Verdict(True, f"{metric} {new_value:.3f} {sign} {holder_value:.3f} of {holder_name} "
                              f"on {new.fingerprint}")
@@ -82,14 +92,16 @@ def promote(client, registered: str, metric: str, alias: str = "champion") -> Ve
     if holder is not None and str(holder.version) == version:
         verdict = Verdict(False, f"version {version} already holds @{alias}")
     else:
-        held = None
+        held, held_errors = None, None
         if holder is not None:
             data = client.get_run(holder.run_id).data
             held = (f"{name} v{holder.version} (@{alias})", data.metrics.get(f"{BENCH}.{metric}"),
                     EvalStamp.from_tags(data.tags, BENCH))
+            held_errors = data.metrics.get(f"{BENCH}.confident_error_rate")
         tags, metrics = new_run.data.tags, new_run.data.metrics
         prefix = BENCH if f"{BENCH}.fingerprint" in tags else f"{BENCH}_partial"
-        verdict = compare(metric, metrics.get(f"{prefix}.{metric}"), EvalStamp.from_tags(tags, prefix), held)
+        verdict = compare(metric, metrics.get(f"{prefix}.{metric}"), EvalStamp.from_tags(tags, prefix), held,
+                          (metrics.get(f"{prefix}.confident_error_rate"), held_errors))
         if verdict.move:
             client.set_registered_model_alias(name, alias, version)
     said = ("moved: " if verdict.move else "kept: ") + verdict.reason

@@ -30,6 +30,7 @@ class EvalStamp:
     total: int  # in the whole set
     chattiness: float | None  # None: the system decides in its output (the OpenAI baseline)
     chattiness_source: str  # "calibrated" (the adapter's own threshold), "fixed" or "model output"
+    answers: str | None = None  # the fingerprint of the answer annotations its answer rates used
 
     @property
     def complete(self) -> bool:
@@ -39,13 +40,14 @@ class EvalStamp:
         threshold = {} if self.chattiness is None else {f"{prefix}.chattiness": f"{self.chattiness:.6g}"}
         return {f"{prefix}.fingerprint": self.fingerprint, f"{prefix}.decisions": str(self.decisions),
                 f"{prefix}.total_decisions": str(self.total), f"{prefix}.complete": str(self.complete).lower(),
-                **threshold, f"{prefix}.chattiness_source": self.chattiness_source}
+                **threshold, f"{prefix}.chattiness_source": self.chattiness_source,
+                **({f"{prefix}.answers": self.answers} if self.answers else {})}
 
     @classmethod
-    def of(cls, bot, fingerprint: str, decisions: int, total: int) -> EvalStamp:
+    def of(cls, bot, fingerprint: str, decisions: int, total: int, answers: str | None = None) -> EvalStamp:
         """The stamp of `bot`'s scores (a GroupChatAssistant: its threshold and where it came from)."""
         source = "calibrated" if bot.threshold.origin == "calibrated" else "fixed"
-        return cls(fingerprint, decisions, total, bot.chattiness, source)
+        return cls(fingerprint, decisions, total, bot.chattiness, source, answers)
 
     @classmethod
     def from_tags(cls, tags: dict, prefix: str) -> EvalStamp | None:
@@ -54,7 +56,7 @@ class EvalStamp:
         threshold = tags.get(f"{prefix}.chattiness")
         return cls(tags[f"{prefix}.fingerprint"], int(tags[f"{prefix}.decisions"]),
                    int(tags[f"{prefix}.total_decisions"]), None if threshold is None else float(threshold),
-                   tags[f"{prefix}.chattiness_source"])
+                   tags[f"{prefix}.chattiness_source"], tags.get(f"{prefix}.answers"))
 
 
 def eval_prefix(data: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from chimein.evaluate.answers import answer_metrics, judge
 from chimein.evaluate.benchmark import EvalSet, metrics_by_case
 from chimein.evaluate.metrics import DecisionRecord, evaluate, report
 from chimein.evaluate.records import EvalStamp, log_evaluation
@@ -34,20 +35,35 @@ class Scored:
 
 
 def score(system, evalset: EvalSet, limit: int | None = None, replies: bool = True,
-          progress: bool = False) -> Scored:
+          progress: bool = False, answers: bool = True) -> Scored:
     """`system` (a GroupChatAssistant, or the OpenAI baseline) replayed on `evalset`, its first
-    `limit` conversations if given. replies=False scores the decisions alone."""
+    `limit` conversations if given. replies=False scores the decisions alone. answers (the
+    shipped benchmark, a system that can be made to reply): the replies at its factual turns,
+    forced, judged right / hedged / wrong (chimein.evaluate.answers), whatever `replies` says."""
     convs = evalset.conversations[:limit] if limit else evalset.conversations
-    records = evaluate(system, convs, progress=progress, replies=replies)
+    factual = evalset.benchmark.factual() if answers and evalset.benchmark and hasattr(system, "reply") else {}
+    factual = {k: a for k, a in factual.items() if k[0] < len(convs)}
+    records = evaluate(system, convs, progress=progress, replies=replies, force_at=frozenset(factual))
     result = report(records, with_similarity=replies, replies=replies)
+    verdicts = {(r.conversation, r.turn): judge(r.forced_reply, factual[r.conversation, r.turn])
+                for r in records if (r.conversation, r.turn) in factual}
+    result["metrics"] |= answer_metrics(list(verdicts.values()))
+    result["answers"] = [{"chat": factual[k].chat, "turn": k[1], "verdict": v, "reply": r.forced_reply,
+                          "keys": list(factual[k].keys)} for r in records
+                         if (k := (r.conversation, r.turn)) in verdicts and (v := verdicts[k])]
     decisions = result["metrics"]["decisions"]
+    answers_stamp = evalset.benchmark.answers_fingerprint if verdicts else None
     if isinstance(system, GroupChatAssistant):
-        stamp = EvalStamp.of(system, evalset.fingerprint, decisions, evalset.total_decisions)
+        stamp = EvalStamp.of(system, evalset.fingerprint, decisions, evalset.total_decisions, answers_stamp)
         chattiness, source = system.chattiness, system.threshold.source
     else:  # the OpenAI baseline says (silence) or answers: no threshold
         stamp = EvalStamp(evalset.fingerprint, decisions, evalset.total_decisions, None, "model output")
         chattiness, source = None, "model output"
     by_case = metrics_by_case(evalset.benchmark, records) if evalset.benchmark and not limit else None
+    if by_case is not None:  # the answer rates per language beside the decision metrics
+        for lang in set(evalset.benchmark.languages):
+            by_case[f"lang:{lang}"] |= answer_metrics(
+                [v for (c, _), v in verdicts.items() if evalset.benchmark.languages[c] == lang])
     return Scored(evalset.prefix, result, stamp, records, chattiness, source, by_case)
 
 

@@ -290,7 +290,8 @@ def test_retrain_summary_says_what_was_decided_and_why():
 
     bench = {"decisions": 600, "balanced_accuracy": 0.5, "f1": 0.81234, "missed_intervention_rate": 0.1,
              "false_interruption_rate": 0.04, "precision": 0.7, "recall": 0.9, "macro_f1": 0.6,
-             "format_compliance": 1.0, "chattiness": 0.3}
+             "format_compliance": 1.0, "chattiness": 0.3, "answer_accuracy": 0.25, "hedge_rate": 0.5,
+             "confident_error_rate": 0.25}
     md = summary_markdown({"run_name": "tiny-chatml--ds-1--abc", "run_id": "r1", "preset": "tiny-chatml",
                            "run_url": "http://127.0.0.1:5000/#/experiments/1/runs/r1?workflowType=machine_learning",
                            "dataset": "local:ds-1", "adapter": "local:tiny-chatml--ds-1--abc",
@@ -301,8 +302,10 @@ def test_retrain_summary_says_what_was_decided_and_why():
     assert "**champion** (balanced accuracy): not moved — balanced_accuracy 0.500 < 0.700: not better" in md
     header = next(line for line in md.splitlines() if line.startswith("| evaluation"))
     assert "| balanced accuracy |" in header and "| false interruption rate |" in header
+    assert "| answer accuracy | hedge rate | confident error rate |" in header
     row = next(line for line in md.splitlines() if line.startswith("| benchmark"))
     assert "bench-x" in row and "| 0.500 |" in row and "| 0.812 |" in row and "| 600 |" in row
+    assert "| 0.250 | 0.500 | 0.250 |" in row
     assert "held-out" not in md  # not scored: no row
     for line in ("| adapter | `local:tiny-chatml--ds-1--abc` |", "| registered model | chimein-tiny-chatml/2 |",
                  "| train loss | 1.235 |", "| preset | tiny-chatml |",

@@ -1,0 +1,140 @@
+"""Reply correctness: the judge (right / hedged / confident error), the shipped annotations
+(every assistant turn of the benchmark, keys true to the reference and not given away by the
+question), forced replies at factual turns whatever the decision, and a promotion refused when
+the new version is more often confidently wrong than the champion."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chimein.conversation import parse_conversation
+from chimein.evaluate.answers import AnnotationError, Answer, answer_metrics, judge, load_answers
+from chimein.evaluate.benchmark import load_benchmark, load_eval_set
+from chimein.evaluate.promotion import compare
+from chimein.evaluate.records import EvalStamp
+from chimein.evaluate.run import score
+from chimein.runtime.state import Decision
+
+CAPITAL = Answer("en-99", 3, "fact", ("Canberra",), ("Sydney", "Melbourne"))
+
+
+@pytest.mark.parametrize(("reply", "verdict"), [
+    ("It's Canberra, not Sydney!", "wrong"),  # a known-wrong string spoils it
+    ("The capital is Canberra.", "right"), ("CANBERRA", "right"), ("Ｃａｎｂｅｒｒａ", "right"),
+    ("Melbourne, I think", "wrong"), ("I'm not sure, maybe check a map", "hedged"),
+    ("I'm not entirely sure — possibly Perth", "hedged"), ("Sure! It's Perth.", "wrong"),
+    ("", "wrong"), (None, "wrong"),
+])
+def test_judge(reply, verdict):
+    assert judge(reply, CAPITAL) == verdict
+
+
+def test_judge_matches_keys_from_a_word_start_and_in_chinese():
+    d20 = Answer("en-99", 3, "fact", ("advantage",))
+    assert judge("That's advantage.", d20) == "right"
+    assert judge("That's disadvantage.", d20) == "wrong"  # not a key at a word's start
+    zh = Answer("zh-99", 3, "fact", ("堪培拉",))
+    assert judge("澳大利亚的首都是堪培拉。", zh) == "right"
+    assert judge("我不太确定，可能是悉尼？", zh) == "hedged"
+    assert answer_metrics(["right", "hedged", "wrong", "wrong"]) == {
+        "answer_accuracy": 0.25, "hedge_rate": 0.25, "confident_error_rate": 0.5, "factual_turns": 4}
+    assert answer_metrics([]) == {}
+
+
+def chat():
+    return parse_conversation([
+        {"role": "user", "name": "Ana", "content": "what's the capital of australia?"},
+        {"role": "assistant", "content": "Canberra."},
+        {"role": "user", "name": "Ben", "content": "thanks"}]).messages
+
+
+@pytest.mark.parametrize(("line", "error"), [
+    ({"id": "en-99", "turn": 0, "kind": "fact", "keys": ["x"]}, "no assistant message at turn 0"),
+    ({"id": "en-99", "turn": 1, "kind": "fact", "keys": []}, r"fact \(with keys\) or open"),
+    ({"id": "en-99", "turn": 1, "kind": "fact", "keys": ["australia"]}, "the question already contains"),
+    ({"id": "en-99", "turn": 1, "kind": "vague"}, r"fact \(with keys\) or open"),
+    ({"id": "en-98", "turn": 1, "kind": "open"}, "en-98 has no assistant message"),
+    ("not json", "not an annotation"),
+])
+def test_a_bad_annotation_is_refused_naming_the_line(tmp_path, line, error):
+    path = tmp_path / "en.answers.jsonl"
+    path.write_text(line if isinstance(line, str) else json.dumps(line))
+    with pytest.raises(AnnotationError, match=error) as e:
+        load_answers(path, {"en-99": chat()})
+    assert "en.answers.jsonl" in str(e.value)
+
+
+def test_every_assistant_turn_must_be_annotated_once(tmp_path):
+    path = tmp_path / "en.answers.jsonl"
+    path.write_text("")
+    with pytest.raises(AnnotationError, match="1 assistant turns are not annotated"):
+        load_answers(path, {"en-99": chat()})
+    line = json.dumps({"id": "en-99", "turn": 1, "kind": "fact", "keys": ["Canberra"]})
+    path.write_text(f"{line}\n{line}\n")
+    with pytest.raises(AnnotationError, match="annotated twice"):
+        load_answers(path, {"en-99": chat()})
+    path.write_text(line)
+    assert load_answers(path, {"en-99": chat()}) == [Answer("en-99", 1, "fact", ("Canberra",))]
+
+
+def test_the_shipped_benchmark_is_annotated_and_its_own_replies_are_right():
+    bench = load_benchmark()
+    assert len(bench.answers) == sum(c.n_speak for c in bench.conversations)  # every assistant turn
+    factual = bench.factual()
+    assert len(factual) >= 100 and {bench.languages[c] for c, _ in factual} == {"en", "zh"}
+    assert bench.answers_fingerprint.startswith("answers-")
+    # the hand-written reference replies state the facts the keys name (the keys fit the chats)
+    for (c, turn), a in factual.items():
+        assert judge(bench.conversations[c].messages[turn + 1].content, a) == "right", a
+
+
+class Scripted:
+    """A system with the assistant's evaluation interface that never speaks on its own and,
+    made to reply, says `answer(question)`."""
+
+    def __init__(self, answer):
+        self.answer, self.messages, self.chattiness = answer, [], 0.5
+
+    def reset(self):
+        self.messages = []
+
+    def add(self, name, content, reply=True):
+        self.messages.append(content)
+        return Decision(speak=False, p_speak=0.1)
+
+    def reply(self):
+        return Decision(speak=True, p_speak=0.1, response=self.answer(self.messages[-1]))
+
+    def set_reply(self, reply):
+        pass
+
+
+@pytest.mark.parametrize(("answer", "expected"), [
+    (lambda q: "I'm not sure, sorry.", {"answer_accuracy": 0.0, "hedge_rate": 1.0, "confident_error_rate": 0.0}),
+    (lambda q: "Melbourne, obviously.", {"answer_accuracy": 0.0, "hedge_rate": 0.0, "confident_error_rate": 1.0}),
+])
+def test_replies_are_forced_at_factual_turns_whatever_the_decision(answer, expected):
+    evalset = load_eval_set("benchmark")
+    s = score(Scripted(answer), evalset, replies=False)
+    factual = len(evalset.benchmark.factual())
+    assert s.metrics["factual_turns"] == factual and s.metrics["recall"] == 0.0  # it never spoke itself
+    assert {k: s.metrics[k] for k in expected} == expected
+    assert s.by_case["lang:zh"]["factual_turns"] + s.by_case["lang:en"]["factual_turns"] == factual
+    assert len(s.report["answers"]) == factual
+
+
+def stamp(answers="answers-1"):
+    return EvalStamp("bench-1", 809, 809, 0.5, "calibrated", answers)
+
+
+def test_a_version_more_often_confidently_wrong_does_not_take_the_alias():
+    holder = ("chimein-x v1 (@champion)", 0.90, stamp())
+    refused = compare("balanced_accuracy", 0.95, stamp(), holder, errors=(0.30, 0.20))
+    assert not refused.move and "confidently wrong at 30.0%" in refused.reason and "20.0%" in refused.reason
+    assert compare("balanced_accuracy", 0.95, stamp(), holder, errors=(0.10, 0.20)).move
+    assert compare("balanced_accuracy", 0.95, stamp(), holder, errors=(0.30, None)).move  # nothing to compare
+    # other annotations: the rates are not comparable, the decision metric decides
+    assert compare("balanced_accuracy", 0.95, stamp("answers-2"), holder, errors=(0.30, 0.20)).move
+    assert EvalStamp.from_tags(stamp().tags("bench"), "bench") == stamp()
