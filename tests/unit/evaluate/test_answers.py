@@ -138,3 +138,31 @@ def test_a_version_more_often_confidently_wrong_does_not_take_the_alias():
     # other annotations: the rates are not comparable, the decision metric decides
     assert compare("balanced_accuracy", 0.95, stamp("answers-2"), holder, errors=(0.30, 0.20)).move
     assert EvalStamp.from_tags(stamp().tags("bench"), "bench") == stamp()
+
+
+class OneByOne:
+    """The assistant without `add_many`: forced replies take the one-by-one path."""
+
+    def __init__(self, bot):
+        self.bot = bot
+
+    def __getattr__(self, name):
+        if name == "add_many":
+            raise AttributeError(name)
+        return getattr(self.bot, name)
+
+
+def test_forced_replies_in_batches_are_the_replies_one_by_one():
+    from chimein.evaluate.metrics import forced_replies
+    from chimein.runtime.assistant import GroupChatAssistant
+
+    bot = GroupChatAssistant.from_preset("tiny-chatml")
+    bot.max_new_tokens = 8
+    bench = load_benchmark()
+    at = frozenset(sorted(bench.factual())[:6])  # three chats' worth, some sharing a chat
+    convs = list(bench.conversations)
+    kept = bot.state
+    batched = forced_replies(bot, convs, at, batch=4)
+    assert bot.state is kept  # the assistant's own conversation is left as it was
+    assert batched == forced_replies(OneByOne(bot), convs, at) and set(batched) == at
+    assert all(isinstance(r, str) and r for r in batched.values())
