@@ -179,7 +179,10 @@ def retrain(params: RetrainParams = RetrainParams(), parent_run_id: SkipJsonSche
             log.info(f"{name} ({m['fingerprint']}, {m['decisions']} of {m['total_decisions']} decisions, "
                      f"chattiness {m['chattiness']:.3f}): balanced accuracy {m['balanced_accuracy']:.3f}, "
                      f"F1(speak) {m['f1']:.3f}, missed {m['missed_intervention_rate']:.3f}, "
-                     f"false interruptions {m['false_interruption_rate']:.3f}")
+                     f"false interruptions {m['false_interruption_rate']:.3f}"
+                     + (f"; replies at {m['factual_turns']} factual turns: right {m['answer_accuracy']:.3f}, "
+                        f"hedged {m['hedge_rate']:.3f}, confidently wrong {m['confident_error_rate']:.3f}"
+                        if m.get("factual_turns") else ""))
     log.info(f"{result.run_name}: adapter {location}; champion "
              f"{'moved' if promotion['moved'] else 'not moved'}: {promotion['reason']}")
     log.info(tracking.ui_hint(result.run_id))

@@ -78,8 +78,13 @@ def test_retrain_flow_end_to_end_and_cached(tmp_path):
     assert run.data.metrics["bench.decisions"] == bench.decisions
     assert run.data.tags["bench.fingerprint"] == bench.fingerprint == first["benchmark_fingerprint"]
     assert run.data.tags["bench.complete"] == "true" and "bench.balanced_accuracy" in run.data.metrics
-    # the flow scores decisions only: no reply metric is logged for replies never generated
+    # the flow scores decisions only: no reply metric is logged for replies never generated ...
     assert not [k for k in run.data.metrics if k.split(".")[-1] in REPLY_METRICS], run.data.metrics
+    # ... but the replies forced at the benchmark's factual turns are judged, with their annotations
+    assert run.data.metrics["bench.factual_turns"] == len(bench.factual())
+    rates = [run.data.metrics[f"bench.{k}"] for k in ("answer_accuracy", "hedge_rate", "confident_error_rate")]
+    assert sum(rates) == pytest.approx(1.0) and run.data.tags["bench.answers"] == bench.answers_fingerprint
+    assert "heldout.factual_turns" not in run.data.metrics  # a held-out split has no annotations
     assert run.data.tags["heldout.fingerprint"] == first["dataset"].removeprefix("local:") + ":test"
     assert run.data.tags["heldout.decisions"] == str(int(run.data.metrics["heldout.decisions"]))
     assert float(run.data.tags["bench.chattiness"]) == pytest.approx(run.data.metrics["calibration.threshold"])
