@@ -50,7 +50,24 @@ def rejections_table(rejected, limit: int = 20, rest: str = "") -> Table:
     return table
 
 
-def load_assistant(adapter: Optional[str], base: Optional[str], chattiness: Optional[float]):
+RESPONDER_HELP = ("Where replies come from when the assistant speaks: openai:MODEL (any OpenAI-compatible "
+                  "endpoint, OPENAI_API_KEY). The local model still decides at every message, and "
+                  "replies itself when the responder fails.")
+RESPONDER_URL_HELP = "The responder's OpenAI-compatible base URL (vLLM, Ollama, llama.cpp); no key needed."
+
+
+def responder_or_fail(spec: Optional[str], base_url: Optional[str]):
+    """The responder of --responder / --responder-base-url, or exit with why not."""
+    from chimein.runtime.responder import ResponderError, load_responder
+
+    try:
+        return load_responder(spec, base_url)
+    except ResponderError as e:
+        fail(str(e))
+
+
+def load_assistant(adapter: Optional[str], base: Optional[str], chattiness: Optional[float],
+                   responder: Optional[str] = None, responder_base_url: Optional[str] = None):
     import time
 
     from chimein.models.loading import quiet
@@ -70,7 +87,9 @@ def load_assistant(adapter: Optional[str], base: Optional[str], chattiness: Opti
                                                      system_prompt=BASELINE_PROMPT)
     except FileNotFoundError as e:  # no such adapter or preset asset, or no MLflow store for models:/…
         fail(str(e))
-    console.print(f"loaded {bot.describe()} in {time.perf_counter() - start:.1f} s", highlight=False,
+    bot.responder = responder_or_fail(responder, responder_base_url)
+    console.print(f"loaded {bot.describe()} in {time.perf_counter() - start:.1f} s"
+                  + (f"; replies from {bot.responder.name}" if bot.responder else ""), highlight=False,
                   soft_wrap=True)
     return bot
 

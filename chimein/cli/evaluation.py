@@ -9,7 +9,16 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from chimein.cli.common import CHATTINESS_HELP, app, console, err, fail
+from chimein.cli.common import (
+    CHATTINESS_HELP,
+    RESPONDER_HELP,
+    RESPONDER_URL_HELP,
+    app,
+    console,
+    err,
+    fail,
+    responder_or_fail,
+)
 from chimein.data.generation_config import DEFAULT_MODELS
 from chimein.evaluate.answers import ANSWER_METRICS
 
@@ -23,6 +32,8 @@ def evaluate_cmd(
     openai_model: Annotated[str, typer.Option(help="Model of the openai baseline.")] = DEFAULT_MODELS["openai"],
     openai_base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible base URL.")] = None,
     chattiness: Annotated[Optional[float], typer.Option(help=CHATTINESS_HELP)] = None,
+    responder: Annotated[Optional[str], typer.Option(help=RESPONDER_HELP + " Scored as the fine-tuned system's replies.")] = None,
+    responder_base_url: Annotated[Optional[str], typer.Option(help=RESPONDER_URL_HELP)] = None,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N conversations.")] = None,
     replies: Annotated[bool, typer.Option(help="Generate replies where the system speaks (reply similarity); --no-replies scores decisions only, several times faster.")] = True,
     out: Annotated[Path, typer.Option(help="JSON report.")] = Path("outputs/eval/report.json"),
@@ -64,6 +75,7 @@ def evaluate_cmd(
                 systems["fine-tuned"] = GroupChatAssistant.from_adapter(adapter, chattiness=chattiness)
             except FileNotFoundError as e:  # no such adapter, or no MLflow store for models:/…
                 fail(str(e))
+        systems["fine-tuned"].responder = responder_or_fail(responder, responder_base_url)
     if "base" in baseline:
         preset = model or (systems["fine-tuned"].preset.name if adapter else None)
         if not preset:
@@ -113,6 +125,15 @@ def evaluate_cmd(
                     "-" if (m := results[n]["by_case"][lang]).get("factual_turns") is None else f"{m[k]:.3f}"
                     for n in results for k in ("answer_accuracy", "hedge_rate", "confident_error_rate")))
             console.print(rates)
+    for name, system in systems.items():
+        if getattr(system, "responder", None) is not None:
+            st = system.responder.stats.summary()
+            results[name]["responder"] = st
+            console.print(f"{name}: replies from {system.responder.name}: {st['served']} of {st['calls']} "
+                          f"served, {st['failures']} failed (the local model replied), {st['prompt_tokens']} "
+                          f"prompt + {st['completion_tokens']} completion tokens, {st['seconds']:.1f} s waiting",
+                          highlight=False, soft_wrap=True)
+            out.write_text(json.dumps(full, indent=2, ensure_ascii=False))
     console.print(f"report: {out}")
     if not (track or log_to_run):
         return

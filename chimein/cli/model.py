@@ -10,6 +10,8 @@ from rich.table import Table
 from chimein.cli.common import (
     CHATTINESS_HELP,
     PRESET_HELP,
+    RESPONDER_HELP,
+    RESPONDER_URL_HELP,
     app,
     console,
     fail,
@@ -80,12 +82,14 @@ def chat(
     adapter: Annotated[Optional[str], typer.Option(help="Adapter: DIR, local:NAME, hub:ORG/NAME, models:/NAME@ALIAS.")] = None,
     base: Annotated[Optional[str], typer.Option(help="Or a preset's un-tuned base model.")] = None,
     chattiness: Annotated[Optional[float], typer.Option(help=CHATTINESS_HELP)] = None,
+    responder: Annotated[Optional[str], typer.Option(help=RESPONDER_HELP)] = None,
+    responder_base_url: Annotated[Optional[str], typer.Option(help=RESPONDER_URL_HELP)] = None,
 ) -> None:
     """An interactive group chat in the terminal. Type `Name: message`; /as NAME switches the
     speaker, /force makes the assistant answer the last message, /reset, /quit."""
     from chimein.conversation import InvalidConversation
 
-    bot = load_assistant(adapter, base, chattiness)
+    bot = load_assistant(adapter, base, chattiness, responder, responder_base_url)
     console.print("Type `Name: message` (or /as NAME), /force, /reset, /quit.")
     speaker = "You"
     while True:
@@ -122,6 +126,11 @@ def chat(
             except InvalidConversation as e:
                 console.print(f"[red]{e.problem}[/]")
                 continue
+        if d.responder_error:
+            from rich.markup import escape
+
+            console.print(f"[yellow]the responder failed ({escape(d.responder_error)}); the local model replied[/]",
+                          highlight=False, soft_wrap=True, markup=True)
         if d.speak:
             console.print(f"[bold green]assistant[/] [dim](p_speak {d.p_speak:.2f})[/]: {d.response}",
                           highlight=False)
@@ -142,13 +151,15 @@ def serve(
     max_messages: Annotated[int, typer.Option(help="Most messages in one /v1/chat/completions request (422 beyond).")] = 4096,
     max_batch: Annotated[int, typer.Option(min=1, help="Most messages (of different conversations) decided together in one batched forward pass; 1 decides one request at a time.")] = 16,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply, in tokens.")] = 96,
+    responder: Annotated[Optional[str], typer.Option(help=RESPONDER_HELP)] = None,
+    responder_base_url: Annotated[Optional[str], typer.Option(help=RESPONDER_URL_HELP)] = None,
 ) -> None:
     """Serve the assistant over HTTP (conversation API and an OpenAI-style endpoint)."""
     import uvicorn
 
     from chimein.runtime.server import create_app
 
-    bot = load_assistant(adapter, base, chattiness)
+    bot = load_assistant(adapter, base, chattiness, responder, responder_base_url)
     bot.max_new_tokens = max_new_tokens
     console.print(f"serving on http://{host}:{port} "
                   f"(POST /v1/conversations/ID/messages, POST /v1/chat/completions)", soft_wrap=True)

@@ -43,7 +43,7 @@ BASELINE_PROMPT = (
 class GroupChatAssistant:
     def __init__(self, model, tokenizer, preset: ModelPreset, chattiness: float | Chattiness = Chattiness(),
                  max_new_tokens: int = 96, max_context_tokens: int | None = None,
-                 system_prompt: str | None = None):
+                 system_prompt: str | None = None, responder=None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.preset = preset
@@ -52,6 +52,9 @@ class GroupChatAssistant:
         self.max_new_tokens = max_new_tokens
         self.max_context_tokens = max_context_tokens or preset.max_length
         self.system_prompt = system_prompt
+        # where replies come from when it speaks: None, the local model; else e.g. an
+        # OpenAIResponder (chimein.runtime.responder), with the local model as its fallback
+        self.responder = responder
         self.pattern = marker_pattern(tokenizer, preset)
         self.eot_id = tokenizer.convert_tokens_to_ids(preset.eot_token)
         self.adapter_ref: str | None = None  # what from_adapter loaded; None for a bare base model
@@ -266,6 +269,17 @@ class GroupChatAssistant:
             raise
 
     def _respond(self, d: Decision, branches: Branches) -> None:
+        if self.responder is not None:
+            from chimein.runtime.responder import ResponderError
+
+            try:
+                text = self.responder.reply(self.state.messages)
+            except ResponderError as e:  # the local model answers instead: no message is lost
+                d.responder_error = str(e)
+            else:
+                d.response, d.responder = neutralize(text, self.pattern) or "…", self.responder.name
+                self.state.messages.append(Message("assistant", d.response))
+                return
         d.response, d.completion_tokens = self._generate(branches)
         self.state.messages.append(Message("assistant", d.response))
 

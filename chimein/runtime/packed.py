@@ -62,7 +62,11 @@ def add_many(bot, requests: list[tuple[ConversationState, str, str, bool]],
                 results[i] = d
                 if d.speak and reply:
                     speakers.append((st, br, d))
-            if speakers:
+            if speakers and bot.responder is not None:  # replies from the responder, one by one
+                for st, br, d in speakers:
+                    bot.use(st)
+                    bot._respond(d, br)
+            elif speakers:
                 generate_batch(bot, speakers)
         except Exception as e:  # noqa: BLE001 — the whole group failed: each as `add` would
             for i, st, before, _ in group:

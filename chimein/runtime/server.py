@@ -62,6 +62,8 @@ class DecisionOut(BaseModel):
     speak: bool
     p_speak: float
     response: str | None
+    responder: str | None = None  # who wrote the reply when not the local model
+    responder_error: str | None = None  # why the responder did not (the local model replied)
 
 
 class ChatMessage(BaseModel):
@@ -155,7 +157,8 @@ def create_app(bot: GroupChatAssistant, max_conversations: int = 256, max_cache_
     def post_message(msg: MessageIn, cid: str = Path(min_length=1, max_length=256)) -> DecisionOut:
         check(msg.name, msg.content)
         d = batcher.submit(cid, msg.name, msg.content, msg.force)
-        return DecisionOut(speak=d.speak, p_speak=d.p_speak, response=d.response)
+        return DecisionOut(speak=d.speak, p_speak=d.p_speak, response=d.response, responder=d.responder,
+                           responder_error=d.responder_error)
 
     @app.delete("/v1/conversations/{cid}")
     def delete_conversation(cid: str = Path(min_length=1, max_length=256)) -> dict:
@@ -186,7 +189,8 @@ def create_app(bot: GroupChatAssistant, max_conversations: int = 256, max_cache_
         content = d.response if d.speak else SILENCE
         usage = {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
                  "total_tokens": d.prompt_tokens + d.completion_tokens}
-        chimein = {"speak": d.speak, "p_speak": d.p_speak,
+        chimein = {"speak": d.speak, "p_speak": d.p_speak, "responder": d.responder,
+                   "responder_error": d.responder_error,
                    "ignored_system_messages": sum(m.role in ("system", "developer") for m in req.messages)}
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "created": int(time.time()), "model": req.model}
         if not req.stream:

@@ -45,6 +45,8 @@ class Decision:
     format_mass: float = 1.0  # P("(silence)") + P("(response)"): how much the model follows the format
     prompt_tokens: int = 0  # tokens of the conversation the decision was made on (after windowing)
     completion_tokens: int = 0  # tokens generated for the reply; 0 when silent
+    responder: str | None = None  # who wrote the reply when not the local model (e.g. openai:gpt-4o-mini)
+    responder_error: str | None = None  # why the responder gave no reply (the local model replied)
 
 
 @dataclass
