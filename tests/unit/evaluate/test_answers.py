@@ -15,7 +15,7 @@ from chimein.evaluate.benchmark import load_benchmark, load_eval_set
 from chimein.evaluate.promotion import compare
 from chimein.evaluate.records import EvalStamp
 from chimein.evaluate.run import score
-from chimein.runtime.state import Decision
+from chimein.runtime.state import ConversationState, Decision
 
 CAPITAL = Answer("en-99", 3, "fact", ("Canberra",), ("Sydney", "Melbourne"))
 
@@ -157,12 +157,27 @@ def test_forced_replies_in_batches_are_the_replies_one_by_one():
     from chimein.runtime.assistant import GroupChatAssistant
 
     bot = GroupChatAssistant.from_preset("tiny-chatml")
-    bot.max_new_tokens = 8
+    bot.max_new_tokens = 8  # under FORCED_REPLY_TOKENS: kept
     bench = load_benchmark()
     at = frozenset(sorted(bench.factual())[:6])  # three chats' worth, some sharing a chat
     convs = list(bench.conversations)
     kept = bot.state
     batched = forced_replies(bot, convs, at, batch=4)
-    assert bot.state is kept  # the assistant's own conversation is left as it was
+    assert bot.state is kept and bot.max_new_tokens == 8  # the assistant is left as it was
     assert batched == forced_replies(OneByOne(bot), convs, at) and set(batched) == at
     assert all(isinstance(r, str) and r for r in batched.values())
+
+
+def test_forced_replies_stop_at_the_cap_and_leave_the_setting_alone():
+    from chimein.evaluate.metrics import FORCED_REPLY_TOKENS, forced_replies
+    from chimein.runtime.assistant import GroupChatAssistant
+
+    bot = GroupChatAssistant.from_preset("tiny-chatml")  # random weights: it never stops by itself
+    bench = load_benchmark()
+    (c, i), = at = frozenset(sorted(bench.factual())[:1])
+    msgs = bench.conversations[c].messages
+    whole = bot.add_many([(ConversationState(messages=list(msgs[:i])), msgs[i].name, msgs[i].content, True)])[0]
+    capped = forced_replies(bot, list(bench.conversations), at)[c, i]
+    assert whole.completion_tokens == bot.max_new_tokens == 96  # the setting is left alone
+    assert whole.response.startswith(capped) and len(capped) < len(whole.response)  # the same reply, cut
+    assert FORCED_REPLY_TOKENS < 96
