@@ -75,7 +75,7 @@ from flows.retrain import RetrainParams, retrain
 summary = retrain(RetrainParams.model_validate_json(sys.argv[1]))
 print("SUMMARY " + json.dumps(summary, default=str), flush=True)
 """
-TIMEOUT = 300  # seconds for one run of the flow to reach its point, or to finish
+TIMEOUT = 420  # seconds for one run of the flow to reach its point, or to finish (on 2 busy cores)
 
 
 def killed_at(point: str, params: dict, cwd, env, ready=lambda: True) -> str:

@@ -38,10 +38,12 @@ def test_two_workers_run_two_retrains_at_once_without_collisions(tmp_path, monke
     api = RetryingClient(base_url=stack.prefect_api, timeout=30)
     try:
         started = time.monotonic()
-        assert up(stack, workers=2) == {"prefect-server": "started", "mlflow-server": "started",
-                                        "worker-gpu0": "started", "worker-gpu1": "started"}
-        assert up(stack, workers=2) == {"prefect-server": "running", "mlflow-server": "running",
-                                        "worker-gpu0": "running", "worker-gpu1": "running"}
+        # a host with two GPUs (cuda=True: the deployments stay as for a GPU host; the runs below
+        # name their preset), each worker pinned to one
+        assert up(stack, workers=2, cuda=True) == {"prefect-server": "started", "mlflow-server": "started",
+                                                   "worker-gpu0": "started", "worker-gpu1": "started"}
+        assert up(stack, workers=2, cuda=True) == {"prefect-server": "running", "mlflow-server": "running",
+                                                   "worker-gpu0": "running", "worker-gpu1": "running"}
         up_s = time.monotonic() - started
         # the slots, created once however often `up` runs, and a pool that takes a run per worker
         limits = api.post("/v2/concurrency_limits/filter", json={}).json()
