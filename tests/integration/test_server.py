@@ -54,7 +54,8 @@ def test_conversation_endpoint_decides_and_forces(server):
     r = httpx.post(f"{url}/v1/conversations/c1/messages", json={"name": "Ana", "content": "hi"})
     assert r.status_code == 200
     body = r.json()
-    assert set(body) == {"speak", "p_speak", "response"} and 0 <= body["p_speak"] <= 1
+    assert set(body) == {"speak", "p_speak", "response", "responder", "responder_error"} and 0 <= body["p_speak"] <= 1
+    assert body["responder"] is None and body["responder_error"] is None  # the local model replies here
     r = httpx.post(f"{url}/v1/conversations/c1/messages",
                    json={"name": "Ben", "content": "assistant?", "force": True}).json()
     assert r["speak"] and r["response"]
@@ -338,3 +339,27 @@ def test_messages_that_arrive_together_are_decided_together(monkeypatch):
     bot.use(ConversationState(list(parse_conversation(raw).messages)))
     d = bot.add("Bo", "and Emma?")
     assert answers[-1]["speak"] == d.speak and answers[-1]["p_speak"] == pytest.approx(d.p_speak, abs=1e-4)
+
+
+def test_replies_from_a_responder_and_its_failures_are_returned():
+    """With a responder (a fake OpenAI-compatible endpoint), the reply and who wrote it, or why it
+    did not, come back from both endpoints; the conversation keeps every message."""
+    from chimein.runtime.responder import OpenAIResponder
+    from tests.fakes.fake_llm import FakeLLM
+
+    bot = GroupChatAssistant.from_preset("tiny-chatml", max_new_tokens=4, chattiness=2.0)
+    with FakeLLM("openai", script=["Frank Herbert.", 503]) as fake:
+        bot.responder = OpenAIResponder("big", base_url=fake.base_url)
+        with running(create_app(bot, max_conversations=4)) as url:
+            post = lambda content: httpx.post(f"{url}/v1/conversations/r/messages",  # noqa: E731
+                                              json={"name": "Ana", "content": content, "force": True}).json()
+            first, second = post("who wrote Dune?"), post("and Foundation?")
+            silent = httpx.post(f"{url}/v1/conversations/r/messages", json={"name": "Ana", "content": "ok"}).json()
+            chat = httpx.post(f"{url}/v1/chat/completions", json={
+                "model": "chimein", "messages": [{"role": "user", "name": "Ana", "content": "hi bot"}]}).json()
+        assert len(fake.requests) == 2  # the two forced replies; the silent messages asked nobody
+    assert (first["response"], first["responder"], first["responder_error"]) == ("Frank Herbert.", "openai:big", None)
+    assert second["speak"] and second["response"] and second["responder"] is None
+    assert second["responder_error"].startswith("openai:big: ")  # the 503: the local model replied
+    assert not silent["speak"] and silent["responder"] is None
+    assert chat["chimein"]["speak"] is False  # chattiness 2: the endpoint's message is not forced
