@@ -98,6 +98,14 @@ def evaluate_cmd(
     decisions = results[next(iter(results))]["metrics"]["decisions"]
     full = {"data": data, "fingerprint": fingerprint, "conversations": len(convs),
             "decisions": decisions, "total_decisions": total, "rejected": rejected, "systems": results}
+    for name, system in systems.items():
+        if getattr(system, "responder", None) is not None:
+            st = system.responder.stats.summary()
+            results[name]["responder"] = st
+            console.print(f"{name}: replies from {system.responder.name}: {st['served']} of {st['calls']} "
+                          f"served, {st['failures']} failed (the local model replied), {st['prompt_tokens']} "
+                          f"prompt + {st['completion_tokens']} completion tokens, {st['seconds']:.1f} s waiting",
+                          highlight=False, soft_wrap=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(full, indent=2, ensure_ascii=False))
 
@@ -125,15 +133,6 @@ def evaluate_cmd(
                     "-" if (m := results[n]["by_case"][lang]).get("factual_turns") is None else f"{m[k]:.3f}"
                     for n in results for k in ("answer_accuracy", "hedge_rate", "confident_error_rate")))
             console.print(rates)
-    for name, system in systems.items():
-        if getattr(system, "responder", None) is not None:
-            st = system.responder.stats.summary()
-            results[name]["responder"] = st
-            console.print(f"{name}: replies from {system.responder.name}: {st['served']} of {st['calls']} "
-                          f"served, {st['failures']} failed (the local model replied), {st['prompt_tokens']} "
-                          f"prompt + {st['completion_tokens']} completion tokens, {st['seconds']:.1f} s waiting",
-                          highlight=False, soft_wrap=True)
-            out.write_text(json.dumps(full, indent=2, ensure_ascii=False))
     console.print(f"report: {out}")
     if not (track or log_to_run):
         return

@@ -13,12 +13,12 @@ from __future__ import annotations
 import functools
 import math
 import os
-import re
 from dataclasses import asdict, dataclass
 
 from chimein.conversation import Conversation
 from chimein.data.generation_config import DEFAULT_MODELS
 from chimein.runtime.assistant import BASELINE_PROMPT
+from chimein.runtime.responder import api_name
 from chimein.runtime.state import Decision
 
 # the metrics every table shows, in this order (keys of report()["metrics"]): the CLI, the flows'
@@ -260,9 +260,7 @@ class OpenAIBaseline:
 
     def add(self, name: str, content: str, reply: bool = True) -> Decision:
         # the model decides and replies in one completion: `reply` changes nothing here
-        # the API's name field allows [A-Za-z0-9_-]{1,64}
-        safe = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64] or "user"
-        self.messages += [{"role": "user", "name": safe, "content": content},
+        self.messages += [{"role": "user", "name": api_name(name), "content": content},
                           {"role": "system", "content": self.REMINDER}]
         r = self.client.chat.completions.create(model=self.model, messages=self.messages, temperature=0)
         text = (r.choices[0].message.content or "").strip()

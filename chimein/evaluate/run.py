@@ -45,12 +45,11 @@ def score(system, evalset: EvalSet, limit: int | None = None, replies: bool = Tr
     factual = {k: a for k, a in factual.items() if k[0] < len(convs)}
     records = evaluate(system, convs, progress=progress, replies=replies, force_at=frozenset(factual))
     result = report(records, with_similarity=replies, replies=replies)
-    verdicts = {(r.conversation, r.turn): judge(r.forced_reply, factual[r.conversation, r.turn])
-                for r in records if (r.conversation, r.turn) in factual}
+    forced = {(r.conversation, r.turn): r.forced_reply for r in records if (r.conversation, r.turn) in factual}
+    verdicts = {k: judge(reply, factual[k]) for k, reply in forced.items()}
     result["metrics"] |= answer_metrics(list(verdicts.values()))
-    result["answers"] = [{"chat": factual[k].chat, "turn": k[1], "verdict": v, "reply": r.forced_reply,
-                          "keys": list(factual[k].keys)} for r in records
-                         if (k := (r.conversation, r.turn)) in verdicts and (v := verdicts[k])]
+    result["answers"] = [{"chat": factual[k].chat, "turn": k[1], "verdict": v, "reply": forced[k],
+                          "keys": list(factual[k].keys)} for k, v in verdicts.items()]
     decisions = result["metrics"]["decisions"]
     answers_stamp = evalset.benchmark.answers_fingerprint if verdicts else None
     if isinstance(system, GroupChatAssistant):

@@ -33,6 +33,11 @@ RESPONDER_PROMPT = (
 )
 
 
+def api_name(name: str | None) -> str:
+    """A person's name as the OpenAI API's `name` field allows it: [A-Za-z0-9_-]{1,64}."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name or "user")[:64] or "user"
+
+
 class ResponderError(RuntimeError):
     """The responder gave no reply; the message says why."""
 
@@ -75,9 +80,8 @@ class OpenAIResponder:
         for m in messages:
             if m.role == "assistant":
                 out.append({"role": "assistant", "content": m.content})
-            else:  # the API's name field allows [A-Za-z0-9_-]{1,64}; the name also leads the text
-                safe = re.sub(r"[^A-Za-z0-9_-]", "_", m.name or "user")[:64] or "user"
-                out.append({"role": "user", "name": safe, "content": f"{m.name}: {m.content}"})
+            else:  # the name also leads the text: the name field cannot hold every name as written
+                out.append({"role": "user", "name": api_name(m.name), "content": f"{m.name}: {m.content}"})
         return out
 
     def reply(self, messages: list[Message]) -> str:

@@ -206,3 +206,32 @@ def test_progress_log_reports_at_most_every_interval_and_the_last_step():
     assert len(records) == 2 and records[0].startswith("step 1/4  loss 2.0000")
     assert records[1].startswith("step 4/4  loss 0.5000") and "tokens/s" in records[1]
     assert records[1].endswith("ETA 0m00s")
+
+
+def test_eval_scores_the_responders_replies_and_reports_its_cost(trained, tmp_path, monkeypatch):
+    """`chimein eval --responder`: the fine-tuned adapter decides, a (fake) OpenAI-compatible
+    endpoint writes each reply, and the report counts its calls, tokens and seconds."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from chimein.cli import app
+    from tests.fakes.fake_llm import FakeLLM
+
+    monkeypatch.chdir(trained.root)  # the adapter's directory is relative to it
+    for k in ("MLFLOW_TRACKING_URI", "CHIMEIN_STORE"):
+        monkeypatch.setenv(k, trained.env[k])
+    data = tmp_path / "chats.jsonl"
+    data.write_text(json.dumps([{"role": "user", "name": "Ana", "content": "who wrote Dune?"},
+                                {"role": "assistant", "content": "Frank Herbert."},
+                                {"role": "user", "name": "Ben", "content": "thanks"}]) + "\n")
+    with FakeLLM("openai", script=["Frank Herbert.", "You're welcome."]) as fake:
+        r = CliRunner().invoke(app, ["eval", "--adapter", trained.adapter_dir, "--data", str(data), "--chattiness",
+                                     "0", "--responder", "openai:big", "--responder-base-url", fake.base_url,
+                                     "--no-track", "--out", str(tmp_path / "report.json")])
+        assert r.exit_code == 0, r.output
+        assert len(fake.requests) == 2  # chattiness 0: it speaks at both messages, the responder writes both
+    report = json.loads((tmp_path / "report.json").read_text())["systems"]["fine-tuned"]
+    assert report["responder"]["calls"] == report["responder"]["served"] == 2
+    assert report["responder"]["prompt_tokens"] == 200 and report["metrics"]["response_similarity"] > 0.9
+    assert "replies from openai:big: 2 of 2 served" in " ".join(r.output.split())
