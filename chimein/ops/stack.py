@@ -219,13 +219,28 @@ def _prefect(stack: Stack, *args: str, env: dict[str, str | None] | None = None)
     return proc
 
 
+# The Prefect server answers 503 for errors a client may retry (its SQLite database busy, as when a
+# worker and `prefect deploy` write at once); its own client retries 429, 502 and 503, so do we.
+API_RETRY_CODES = (429, 502, 503)
+API_TRIES = 6
+API_RETRY_WAIT_S = 0.5  # doubled each try, or the server's Retry-After when it sends one
+
+
 def _api(stack: Stack, method: str, path: str, body: dict | None = None):
     request = urllib.request.Request(stack.prefect_api + path, method=method,
                                      data=None if body is None else json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as r:
-        data = r.read()
-    return json.loads(data) if data else None
+    for attempt in range(API_TRIES):
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                data = r.read()
+            return json.loads(data) if data else None
+        except urllib.error.HTTPError as e:
+            if e.code not in API_RETRY_CODES or attempt == API_TRIES - 1:
+                raise
+            after = e.headers.get("Retry-After", "")
+            e.close()
+            time.sleep(float(after) if after.replace(".", "", 1).isdigit() else API_RETRY_WAIT_S * 2 ** attempt)
 
 
 def _paused(stack: Stack) -> dict[str, tuple[bool, list[dict]]]:
