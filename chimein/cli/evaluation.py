@@ -13,6 +13,8 @@ from chimein.cli.common import (
     CHATTINESS_HELP,
     RESPONDER_HELP,
     RESPONDER_URL_HELP,
+    HEDGE_HELP,
+    TOOLS_HELP,
     app,
     console,
     err,
@@ -34,6 +36,8 @@ def evaluate_cmd(
     chattiness: Annotated[Optional[float], typer.Option(help=CHATTINESS_HELP)] = None,
     responder: Annotated[Optional[str], typer.Option(help=RESPONDER_HELP + " Scored as the fine-tuned system's replies.")] = None,
     responder_base_url: Annotated[Optional[str], typer.Option(help=RESPONDER_URL_HELP)] = None,
+    tools: Annotated[bool, typer.Option(help=TOOLS_HELP)] = True,
+    hedge: Annotated[bool, typer.Option(help=HEDGE_HELP)] = True,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N conversations.")] = None,
     replies: Annotated[bool, typer.Option(help="Generate replies where the system speaks (reply similarity); --no-replies scores decisions only, several times faster.")] = True,
     out: Annotated[Path, typer.Option(help="JSON report.")] = Path("outputs/eval/report.json"),
@@ -72,7 +76,8 @@ def evaluate_cmd(
     if adapter:
         with err.status("loading the adapter"), quiet():
             try:
-                systems["fine-tuned"] = GroupChatAssistant.from_adapter(adapter, chattiness=chattiness)
+                systems["fine-tuned"] = GroupChatAssistant.from_adapter(adapter, chattiness=chattiness, tools=tools,
+                                                                              hedge=hedge)
             except FileNotFoundError as e:  # no such adapter, or no MLflow store for models:/…
                 fail(str(e))
         systems["fine-tuned"].responder = responder_or_fail(responder, responder_base_url)
@@ -82,7 +87,8 @@ def evaluate_cmd(
             fail("--baseline base needs --preset PRESET (or --adapter, whose base is used)")
         with err.status("loading the base model"), quiet():
             systems["base"] = GroupChatAssistant.from_preset(
-                preset, chattiness=DEFAULT_CHATTINESS if chattiness is None else chattiness, system_prompt=BASELINE_PROMPT)
+                preset, chattiness=DEFAULT_CHATTINESS if chattiness is None else chattiness, system_prompt=BASELINE_PROMPT,
+                tools=tools, hedge=hedge)
     if "openai" in baseline:
         try:
             systems["openai"] = OpenAIBaseline(openai_model, openai_base_url)

@@ -5,13 +5,16 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from chimein.cli.common import (
     CHATTINESS_HELP,
+    HEDGE_HELP,
     PRESET_HELP,
     RESPONDER_HELP,
     RESPONDER_URL_HELP,
+    TOOLS_HELP,
     app,
     console,
     fail,
@@ -84,12 +87,14 @@ def chat(
     chattiness: Annotated[Optional[float], typer.Option(help=CHATTINESS_HELP)] = None,
     responder: Annotated[Optional[str], typer.Option(help=RESPONDER_HELP)] = None,
     responder_base_url: Annotated[Optional[str], typer.Option(help=RESPONDER_URL_HELP)] = None,
+    tools: Annotated[bool, typer.Option(help=TOOLS_HELP)] = True,
+    hedge: Annotated[bool, typer.Option(help=HEDGE_HELP)] = True,
 ) -> None:
     """An interactive group chat in the terminal. Type `Name: message`; /as NAME switches the
     speaker, /force makes the assistant answer the last message, /reset, /quit."""
     from chimein.conversation import InvalidConversation
 
-    bot = load_assistant(adapter, base, chattiness, responder, responder_base_url)
+    bot = load_assistant(adapter, base, chattiness, responder, responder_base_url, tools, hedge)
     console.print("Type `Name: message` (or /as NAME), /force, /reset, /quit.")
     speaker = "You"
     while True:
@@ -127,15 +132,14 @@ def chat(
                 console.print(f"[red]{e.problem}[/]")
                 continue
         if d.responder_error:
-            from rich.markup import escape
-
             console.print(f"[yellow]the responder failed ({escape(d.responder_error)}); the local model replied[/]",
                           highlight=False, soft_wrap=True, markup=True)
+        how = f"p_speak {d.p_speak:.2f}" + (f" · tool {d.tool}" if d.tool else "") + \
+            (f" · not sure: confidence {d.confidence:.2f}" if d.hedged else "")
         if d.speak:
-            console.print(f"[bold green]assistant[/] [dim](p_speak {d.p_speak:.2f})[/]: {d.response}",
-                          highlight=False)
+            console.print(f"[bold green]assistant[/] [dim]({how})[/]: {escape(d.response)}", highlight=False)
         else:
-            console.print(f"[dim]  (silence · p_speak {d.p_speak:.2f})[/]")
+            console.print(f"[dim]  (silence · {how}{' · withdrew a guess' if d.hedged else ''})[/]")
 
 
 @app.command()
@@ -153,13 +157,15 @@ def serve(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply, in tokens.")] = 96,
     responder: Annotated[Optional[str], typer.Option(help=RESPONDER_HELP)] = None,
     responder_base_url: Annotated[Optional[str], typer.Option(help=RESPONDER_URL_HELP)] = None,
+    tools: Annotated[bool, typer.Option(help=TOOLS_HELP)] = True,
+    hedge: Annotated[bool, typer.Option(help=HEDGE_HELP)] = True,
 ) -> None:
     """Serve the assistant over HTTP (conversation API and an OpenAI-style endpoint)."""
     import uvicorn
 
     from chimein.runtime.server import create_app
 
-    bot = load_assistant(adapter, base, chattiness, responder, responder_base_url)
+    bot = load_assistant(adapter, base, chattiness, responder, responder_base_url, tools, hedge)
     bot.max_new_tokens = max_new_tokens
     console.print(f"serving on http://{host}:{port} "
                   f"(POST /v1/conversations/ID/messages, POST /v1/chat/completions)", soft_wrap=True)

@@ -138,3 +138,32 @@ def fingerprint(answers: list[Answer]) -> str:
     rows = sorted(json.dumps([a.chat, a.turn, a.kind, sorted(a.keys), sorted(a.wrong)], ensure_ascii=False)
                   for a in answers)
     return "answers-" + hashlib.sha256("\n".join(rows).encode()).hexdigest()[:12]
+
+
+# A reference reply's checkable tokens, for data without annotations (the validation split the
+# confidence threshold is calibrated on): its numbers and capitalised names, less those the
+# conversation already said and the words that start a sentence.
+_NUMBER = re.compile(r"(?<![A-Za-z0-9.])\d+(?:[.,:]\d+)*")  # "1974年": CJK is no boundary to break
+_NAME = re.compile(r"(?<![\w'’])[A-Z][a-z]{2,}(?:\s+[A-Z][a-z]+)*")
+
+
+def reference_keys(reference: str, history: str) -> tuple[str, ...]:
+    """Keys for `reference` (a reply in a chat whose messages before it are `history`): the
+    numbers and names it states that `history` does not contain. Empty: nothing to check."""
+    said = normalize(history)
+    keys = [m.group() for m in _NUMBER.finditer(reference)]
+    for m in _NAME.finditer(reference):
+        before = reference[:m.start()].rstrip()
+        if before and before[-1] not in ".!?:;—-–\"“(":  # not the first word of a sentence
+            keys.append(m.group())
+    return tuple(dict.fromkeys(k for k in keys if not _token(k).search(said)))
+
+
+def _token(key: str) -> re.Pattern:
+    return re.compile(r"(?<![a-z0-9.])" + re.escape(normalize(key)) + r"(?![a-z0-9]|[.,]\d)")
+
+
+def states(reply: str | None, keys: tuple[str, ...]) -> bool:
+    """Whether `reply` states one of `keys` as a whole token ("5" is not in "50")."""
+    text = normalize(reply or "")
+    return any(_token(k).search(text) for k in keys)

@@ -148,9 +148,16 @@ def forced_replies(system, conversations: list[Conversation], at: frozenset[tupl
     message) pairs), each with the reference history before it. A GroupChatAssistant answers
     `batch` of them at once (`add_many`: shared forward passes, 4.4x faster than one by one on
     the benchmark's 170 factual turns on 2 cores, the same verdicts); other systems one by one."""
+    return {k: d.response for k, d in forced_decisions(system, conversations, at, batch, progress).items()}
+
+
+def forced_decisions(system, conversations: list[Conversation], at: frozenset[tuple[int, int]],
+                     batch: int = 16, progress: bool = False, tokens: int = FORCED_REPLY_TOKENS) -> dict:
+    """`forced_replies`, as the Decisions (confidence, hedged, tool …) rather than their replies;
+    each reply at most `tokens` long."""
     longest = getattr(system, "max_new_tokens", None)
     if longest is not None:  # a fact comes early in a reply: the verdicts need no long tail
-        system.max_new_tokens = min(longest, FORCED_REPLY_TOKENS)
+        system.max_new_tokens = min(longest, tokens)
     try:
         return _forced(system, conversations, sorted(at), batch, progress)
     finally:
@@ -158,7 +165,7 @@ def forced_replies(system, conversations: list[Conversation], at: frozenset[tupl
             system.max_new_tokens = longest
 
 
-def _forced(system, conversations, items, batch, progress) -> dict[tuple[int, int], str | None]:
+def _forced(system, conversations, items, batch, progress) -> dict:
     from rich.progress import track
 
     out = {}
@@ -175,7 +182,7 @@ def _forced(system, conversations, items, batch, progress) -> dict[tuple[int, in
                 for key, d in zip(chunk, system.add_many(requests)):
                     if isinstance(d, Exception):
                         raise d
-                    out[key] = d.response
+                    out[key] = d
         finally:
             system.use(kept)
         return out
@@ -187,7 +194,7 @@ def _forced(system, conversations, items, batch, progress) -> dict[tuple[int, in
                 continue
             system.add(m.name, m.content, reply=False)
             if i in turns:
-                out[c, i] = system.reply().response
+                out[c, i] = system.reply()
             system.set_reply(msgs[i + 1].content if i + 1 < len(msgs) and msgs[i + 1].role == "assistant" else None)
     return out
 

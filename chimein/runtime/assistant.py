@@ -27,8 +27,9 @@ import math
 from chimein.conversation import Conversation, Message, parse_conversation
 from chimein.formatting import RESPONSE, SILENCE, chat_turns, marker_pattern, neutralize, render
 from chimein.presets import ModelPreset
-from chimein.runtime import packed
-from chimein.runtime.state import Branches, Chattiness, ConversationState, Decision, common_prefix
+from chimein.runtime import honesty, packed
+from chimein.runtime.state import (CONFIDENCE_TOKENS, Branches, Chattiness, Confidence, ConversationState, Decision,
+                                   common_prefix)
 
 # the instruction of the prompted baselines (docs/evaluation.md): the un-tuned base model
 # (`--base`, `--baseline base`) and the OpenAI one
@@ -43,7 +44,8 @@ BASELINE_PROMPT = (
 class GroupChatAssistant:
     def __init__(self, model, tokenizer, preset: ModelPreset, chattiness: float | Chattiness = Chattiness(),
                  max_new_tokens: int = 96, max_context_tokens: int | None = None,
-                 system_prompt: str | None = None, responder=None):
+                 system_prompt: str | None = None, responder=None, confidence: float | Confidence = Confidence(),
+                 tools: bool = True, hedge: bool = True):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.preset = preset
@@ -55,6 +57,10 @@ class GroupChatAssistant:
         # where replies come from when it speaks: None, the local model; else e.g. an
         # OpenAIResponder (chimein.runtime.responder), with the local model as its fallback
         self.responder = responder
+        # saying only what is right (chimein.runtime.honesty): tools' exact answers, and below the
+        # confidence threshold a guess said as one (or withdrawn when unaddressed)
+        self.confidence = confidence if isinstance(confidence, Confidence) else Confidence.fixed(confidence)
+        self.tools, self.hedge = tools, hedge
         self.pattern = marker_pattern(tokenizer, preset)
         self.eot_id = tokenizer.convert_tokens_to_ids(preset.eot_token)
         self.adapter_ref: str | None = None  # what from_adapter loaded; None for a bare base model
@@ -74,10 +80,10 @@ class GroupChatAssistant:
 
     @classmethod
     def from_adapter(cls, ref: str, quantize: bool | None = None, chattiness: float | None = None,
-                     **kwargs) -> GroupChatAssistant:
+                     confidence: float | None = None, **kwargs) -> GroupChatAssistant:
         """From a trained adapter: a directory, local:NAME, hub:ORG/NAME or an MLflow model URI
         (models:/NAME@ALIAS, runs:/…). By default the base is loaded as it was trained (4-bit or
-        not) and the adapter's calibrated chattiness threshold is used."""
+        not) and the adapter's calibrated chattiness and confidence thresholds are used."""
         from chimein.models import adapters
         from chimein.models import loading as models
 
@@ -90,7 +96,9 @@ class GroupChatAssistant:
         model, tokenizer = models.load_adapter(ref, quantize=quantize)
         preset = ModelPreset.from_stored(meta["preset"])
         bot = cls(model, tokenizer, preset,
-                  chattiness=Chattiness.stored(meta.get("chattiness")) if chattiness is None else chattiness, **kwargs)
+                  chattiness=Chattiness.stored(meta.get("chattiness")) if chattiness is None else chattiness,
+                  confidence=Confidence.stored(meta.get("confidence")) if confidence is None else confidence,
+                  **kwargs)
         bot.adapter_ref, bot.adapter_meta = given, meta
         return bot
 
@@ -138,7 +146,7 @@ class GroupChatAssistant:
             d, branches = self._decide(self._window())
             d.speak = force or d.p_speak >= self.chattiness
             if d.speak and reply:
-                self._respond(d, branches)
+                self._respond(d, branches, honesty.addressed(content, force))
         return d
 
     def add_many(self, requests: list[tuple[ConversationState, str, str, bool]],
@@ -165,7 +173,7 @@ class GroupChatAssistant:
                 raise ValueError("no user message to reply to yet")
             d, branches = self._decide()
             d.speak = True
-            self._respond(d, branches)
+            self._respond(d, branches, addressed=True)
         return d
 
     def set_reply(self, reply: str | None) -> None:
@@ -246,11 +254,13 @@ class GroupChatAssistant:
         return out
 
     def describe(self) -> str:
-        """One line on what runs: preset, adapter, threshold and where it came from, device and
-        dtype (4-bit or not)."""
+        """One line on what runs: preset, adapter, thresholds and where they came from, tools, device
+        and dtype (4-bit or not)."""
         model = f"{self.preset.name} + {self.adapter_ref}" if self.adapter_ref else f"{self.preset.name} (base)"
         weights = "4-bit " if getattr(self.model, "is_loaded_in_4bit", False) else ""
-        return (f"{model} · chattiness {self.chattiness:.3f} ({self.threshold.source}) · "
+        honest = (f"hedges below {self.confidence.threshold:.3f} ({self.confidence.source})" if self.hedge
+                  else "no hedging") + (" · tools" if self.tools else " · no tools")
+        return (f"{model} · chattiness {self.chattiness:.3f} ({self.threshold.source}) · {honest} · "
                 f"{self.model.device.type} {weights}{str(self.model.dtype).removeprefix('torch.')}")
 
     # --- internals ----------------------------------------------------------------------------
@@ -268,7 +278,11 @@ class GroupChatAssistant:
             st.drop_cache()
             raise
 
-    def _respond(self, d: Decision, branches: Branches) -> None:
+    def _respond(self, d: Decision, branches: Branches, addressed: bool) -> None:
+        """The reply, once speaking: a tool's exact answer, else the responder's, else the local
+        model's (a guess said as one, or withdrawn when unaddressed: honesty.settle)."""
+        if self.tools and honesty.answer_with_tool(d, self.state.messages, self.pattern):
+            return
         if self.responder is not None:
             from chimein.runtime.responder import ResponderError
 
@@ -280,8 +294,9 @@ class GroupChatAssistant:
                 d.response, d.responder = neutralize(text, self.pattern) or "…", self.responder.name
                 self.state.messages.append(Message("assistant", d.response))
                 return
-        d.response, d.completion_tokens = self._generate(branches)
+        d.response, d.completion_tokens, d.confidence = self._generate(branches)
         self.state.messages.append(Message("assistant", d.response))
+        honesty.settle(d, self.state.messages, self.confidence.threshold, self.hedge, addressed)
 
     def _turns(self, messages: list[Message] | None = None) -> list[dict]:
         turns = chat_turns(Conversation(tuple(self.state.messages if messages is None else messages)),
@@ -333,7 +348,7 @@ class GroupChatAssistant:
         window = getattr(self.model.config, "sliding_window", None)
         if window and len(context) + sum(map(len, rest)) >= window - 1:
             # a sliding-window layer would evict keys that cropping the branches cannot restore
-            return self._decide_two_pass(branches), branches
+            return packed.decide_two_pass(self, branches), branches
         tree = packed.build_tree(self, st, branches)
         device = self.model.device
         with torch.no_grad():
@@ -351,32 +366,6 @@ class GroupChatAssistant:
         scores = [sum(next(picked) for _ in range(k)) for k in tree.counts]
         return self._decision(scores, len(context)), branches
 
-    def _decide_two_pass(self, branches: Branches) -> Decision:
-        """The decision as two passes: the context, then a batch of two over the branches on a
-        copy of the cache (used where a sliding window rules out cropping the branches away)."""
-        import copy
-
-        import torch
-
-        context, sil, resp = branches
-        self._feed(context)
-        logp_first = torch.log_softmax(self.state.last_logits.float(), -1)
-        rest = [b[:-1] for b in (sil, resp)]
-        width = max(len(r) for r in rest)
-        rest_logp = [[] for _ in rest]
-        if width:
-            pad = self.tokenizer.pad_token_id
-            batch = torch.tensor([r + [pad] * (width - len(r)) for r in rest], device=self.model.device)
-            cache = copy.deepcopy(self.state.cache)
-            cache.batch_repeat_interleave(2)
-            with torch.no_grad():
-                logits = self.model(input_ids=batch, cache=cache, use_cache=True).logits
-            for i, branch in enumerate((sil, resp)):
-                lp = torch.log_softmax(logits[i].float(), -1)
-                rest_logp[i] = [lp[j, branch[j + 1]].item() for j in range(len(branch) - 1)]
-        scores = [logp_first[b[0]].item() + sum(lp) if b else 0.0 for b, lp in zip((sil, resp), rest_logp)]
-        return self._decision(scores, len(context))
-
     @staticmethod
     def _decision(scores: list[float], prompt_tokens: int) -> Decision:
         """From the log-probabilities of "(silence)" and "(response)"."""
@@ -385,23 +374,27 @@ class GroupChatAssistant:
         return Decision(speak=False, p_speak=p_resp / total if total > 0 else 0.0, format_mass=total,
                         prompt_tokens=prompt_tokens)
 
-    def _generate(self, branches: Branches) -> tuple[str, int]:
+    def _generate(self, branches: Branches) -> tuple[str, int, float]:
         """Greedy reply after the "(response)" prefix, until the end-of-turn token; with the
-        number of tokens generated."""
+        number of tokens generated and its confidence (the lowest probability the model gave one of
+        its first CONFIDENCE_TOKENS tokens)."""
         import torch
 
         context, _, resp = branches
         self._feed(context + resp)
         out: list[int] = []
-        logits = self.state.last_logits
+        logits, lowest = self.state.last_logits, 1.0
         for _ in range(self.max_new_tokens):
-            tok = int(torch.argmax(logits))
+            probs = torch.softmax(logits.float(), -1)
+            tok = int(torch.argmax(probs))
             if tok == self.eot_id or tok == self.tokenizer.eos_token_id:
                 break
             out.append(tok)
+            if len(out) <= CONFIDENCE_TOKENS:
+                lowest = min(lowest, float(probs[tok]))
             self._feed(self.state.fed + [tok])
             logits = self.state.last_logits
-        return self._reply_text(out), len(out)
+        return self._reply_text(out), len(out), lowest
 
     def _reply_text(self, ids: list[int]) -> str:
         """A generated reply as text, any chat-format marker in it neutralized; never empty."""

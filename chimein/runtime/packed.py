@@ -15,7 +15,8 @@ import threading
 from typing import NamedTuple
 
 from chimein.conversation import Message, parse_conversation
-from chimein.runtime.state import Branches, ConversationState, Decision, common_prefix, new_cache
+from chimein.runtime import honesty
+from chimein.runtime.state import CONFIDENCE_TOKENS, Branches, ConversationState, Decision, common_prefix, new_cache
 
 
 def add_many(bot, requests: list[tuple[ConversationState, str, str, bool]],
@@ -60,12 +61,13 @@ def add_many(bot, requests: list[tuple[ConversationState, str, str, bool]],
             for (i, st, _, br), d in zip(group, decisions):
                 d.speak = requests[i][3] or d.p_speak >= bot.chattiness
                 results[i] = d
-                if d.speak and reply:
-                    speakers.append((st, br, d))
+                bot.use(st)
+                if d.speak and reply and not (bot.tools and honesty.answer_with_tool(d, st.messages, bot.pattern)):
+                    speakers.append((st, br, d, honesty.addressed(requests[i][2], requests[i][3])))
             if speakers and bot.responder is not None:  # replies from the responder, one by one
-                for st, br, d in speakers:
+                for st, br, d, addressed in speakers:
                     bot.use(st)
-                    bot._respond(d, br)
+                    bot._respond(d, br, addressed)
             elif speakers:
                 generate_batch(bot, speakers)
         except Exception as e:  # noqa: BLE001 — the whole group failed: each as `add` would
@@ -118,6 +120,33 @@ def decide_batch(bot, items: list[tuple[ConversationState, Branches]]) -> list[D
     return decisions
 
 
+def decide_two_pass(bot, branches: Branches) -> Decision:
+    """The decision as two passes: the context, then a batch of two over the branches on a
+    copy of the cache (used where a sliding window rules out cropping the branches away)."""
+    import copy
+
+    import torch
+
+    context, sil, resp = branches
+    bot._feed(context)
+    logp_first = torch.log_softmax(bot.state.last_logits.float(), -1)
+    rest = [b[:-1] for b in (sil, resp)]
+    width = max(len(r) for r in rest)
+    rest_logp = [[] for _ in rest]
+    if width:
+        pad = bot.tokenizer.pad_token_id
+        batch = torch.tensor([r + [pad] * (width - len(r)) for r in rest], device=bot.model.device)
+        cache = copy.deepcopy(bot.state.cache)
+        cache.batch_repeat_interleave(2)
+        with torch.no_grad():
+            logits = bot.model(input_ids=batch, cache=cache, use_cache=True).logits
+        for i, branch in enumerate((sil, resp)):
+            lp = torch.log_softmax(logits[i].float(), -1)
+            rest_logp[i] = [lp[j, branch[j + 1]].item() for j in range(len(branch) - 1)]
+    scores = [logp_first[b[0]].item() + sum(lp) if b else 0.0 for b, lp in zip((sil, resp), rest_logp)]
+    return bot._decision(scores, len(context))
+
+
 def build_tree(bot, st: ConversationState, br: Branches) -> Tree:
     """What `GroupChatAssistant._decide` feeds for `br` over `st`'s cache (cropped here to what it shares with
     the context): the new context tokens, then each branch's diverging tokens, each branch
@@ -155,18 +184,19 @@ def build_tree(bot, st: ConversationState, br: Branches) -> Tree:
                  score_rows, score_tokens, [len(sil), len(resp)])
 
 
-def generate_batch(bot, speakers: list[tuple[ConversationState, Branches, Decision]]) -> None:
+def generate_batch(bot, speakers: list[tuple[ConversationState, Branches, Decision, bool]]) -> None:
     """`GroupChatAssistant._respond` for several conversations at once, packed like `decide_batch`: first each
     one's "(response)" tokens, then greedy decoding with one token of each per pass, until
-    each ends. Each state ends as after `GroupChatAssistant._respond`: the reply added, the cache holding what
-    was fed."""
+    each ends. Each state ends as after `GroupChatAssistant._respond`: the reply added (or, unsure
+    and unaddressed, withdrawn), the cache holding what was fed."""
     import torch
 
     device = bot.model.device
     dtype = bot.model.get_input_embeddings().weight.dtype
     stops = {bot.eot_id, bot.tokenizer.eos_token_id}
-    feeds = [list(br.response) for _, br, _ in speakers]  # what each feeds next
+    feeds = [list(br.response) for _, br, _, _ in speakers]  # what each feeds next
     outs: list[list[int]] = [[] for _ in speakers]
+    lowest = [1.0] * len(speakers)  # each reply's confidence (GroupChatAssistant._generate)
     live = list(range(len(speakers)))
     for step in range(bot.max_new_tokens + 1):
         segments, ids, positions = [], [], []
@@ -184,21 +214,25 @@ def generate_batch(bot, speakers: list[tuple[ConversationState, Branches, Decisi
             logits = bot.model(input_ids=torch.tensor([ids], device=device),
                                 position_ids=torch.tensor([positions], device=device),
                                 use_cache=False, logits_to_keep=keep).logits[0]
-        toks = torch.argmax(logits, -1).tolist()
+        probs = torch.softmax(logits.float(), -1)
+        top, toks = (x.tolist() for x in probs.max(-1))
         still = []
         for i, b in enumerate(live):
             speakers[b][0].last_logits = logits[i].clone()
             if toks[i] in stops or step == bot.max_new_tokens:
                 continue
             outs[b].append(toks[i])
+            if len(outs[b]) <= CONFIDENCE_TOKENS:
+                lowest[b] = min(lowest[b], top[i])
             feeds[b] = [toks[i]]
             still.append(b)
         live = still
         if not live:
             break
-    for (st, _, d), out in zip(speakers, outs):
-        d.response, d.completion_tokens = bot._reply_text(out), len(out)
+    for (st, _, d, addressed), out, low in zip(speakers, outs, lowest):
+        d.response, d.completion_tokens, d.confidence = bot._reply_text(out), len(out), low
         st.messages.append(Message("assistant", d.response))
+        honesty.settle(d, st.messages, bot.confidence.threshold, bot.hedge, addressed)
 
 
 class Tree(NamedTuple):

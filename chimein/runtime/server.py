@@ -2,11 +2,12 @@
 
     chimein serve --adapter local:NAME --port 8000
 
-POST /v1/conversations/{id}/messages {"name", "content", "force"?} → {"speak", "p_speak", "response"}
+POST /v1/conversations/{id}/messages {"name", "content", "force"?} → {"speak", "p_speak", "response",
+    "hedged", "confidence", "tool", "responder", "responder_error"}
 DELETE /v1/conversations/{id}
 POST /v1/chat/completions — OpenAI-style: the whole conversation in `messages` (user messages
     carry `name`); the reply's content is the assistant's response, or "(silence)"; the decision
-    is also in `chimein: {speak, p_speak, ignored_system_messages}`. Existing OpenAI clients work
+    is also in `chimein: {speak, p_speak, hedged, confidence, tool, …, ignored_system_messages}`. Existing OpenAI clients work
     unchanged, streaming included (`stream: true`: server-sent `chat.completion.chunk`s, the first
     one carrying `chimein`; the reply is computed before the first chunk, it is short). System
     (and developer) messages are not shown to the model — it was trained without them — and are
@@ -64,6 +65,9 @@ class DecisionOut(BaseModel):
     response: str | None
     responder: str | None = None  # who wrote the reply when not the local model
     responder_error: str | None = None  # why the responder did not (the local model replied)
+    hedged: bool = False  # the reply was a guess: said as one, or withdrawn (silence) when unaddressed
+    confidence: float | None = None  # the local model's confidence in its reply (runtime.honesty)
+    tool: str | None = None  # the tool whose exact answer is the reply
 
 
 class ChatMessage(BaseModel):
@@ -158,7 +162,8 @@ def create_app(bot: GroupChatAssistant, max_conversations: int = 256, max_cache_
         check(msg.name, msg.content)
         d = batcher.submit(cid, msg.name, msg.content, msg.force)
         return DecisionOut(speak=d.speak, p_speak=d.p_speak, response=d.response, responder=d.responder,
-                           responder_error=d.responder_error)
+                           responder_error=d.responder_error, hedged=d.hedged, confidence=d.confidence,
+                           tool=d.tool)
 
     @app.delete("/v1/conversations/{cid}")
     def delete_conversation(cid: str = Path(min_length=1, max_length=256)) -> dict:
@@ -190,7 +195,8 @@ def create_app(bot: GroupChatAssistant, max_conversations: int = 256, max_cache_
         usage = {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
                  "total_tokens": d.prompt_tokens + d.completion_tokens}
         chimein = {"speak": d.speak, "p_speak": d.p_speak, "responder": d.responder,
-                   "responder_error": d.responder_error,
+                   "responder_error": d.responder_error, "hedged": d.hedged, "confidence": d.confidence,
+                   "tool": d.tool,
                    "ignored_system_messages": sum(m.role in ("system", "developer") for m in req.messages)}
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "created": int(time.time()), "model": req.model}
         if not req.stream:

@@ -12,29 +12,50 @@ DEFAULT_CHATTINESS = 0.5  # p_speak threshold when none is calibrated or given
 
 
 @dataclass(frozen=True)
-class Chattiness:
-    """The p_speak threshold (speak when p_speak >= it) and where it came from: `calibrated` with
-    the adapter on its validation split, the `default` (calibration was off or impossible), or
-    `fixed` by the caller. `source` says it in words (which split, which bound, or why not)."""
+class Threshold:
+    """A threshold the assistant acts on and where it came from: `calibrated` with the adapter on
+    its validation split, the `default` (calibration was off or impossible), or `fixed` by the
+    caller. `source` says it in words (which split, which bound, or why not)."""
 
     threshold: float = DEFAULT_CHATTINESS
     origin: Literal["calibrated", "default", "fixed"] = "default"
     source: str = "default"
 
     @classmethod
-    def fixed(cls, threshold: float) -> Chattiness:
+    def fixed(cls, threshold: float):
         return cls(float(threshold), "fixed", "fixed")
 
     @classmethod
-    def stored(cls, saved: dict | None) -> Chattiness:
-        """From an adapter's chimein.json (`chattiness`: threshold, origin, source). Adapters saved
-        before `origin` existed say it only in their source's words."""
+    def stored(cls, saved: dict | None):
+        """From an adapter's chimein.json (threshold, origin, source). Adapters saved before
+        `origin` existed say it only in their source's words."""
         if not saved:
             return cls()
         source = saved.get("source", "default")
         origin = saved.get("origin") or ("calibrated" if source.startswith("calibrated") else "default")
         return cls(float(saved["threshold"]), origin, source)
 
+
+@dataclass(frozen=True)
+class Chattiness(Threshold):
+    """The p_speak threshold: speak when p_speak >= it."""
+
+
+DEFAULT_CONFIDENCE = 0.2  # see Confidence
+# a reply's confidence is the lowest probability among its first tokens: a fact comes early, and
+# the same span is measured however long the reply runs (calibration generates only these)
+CONFIDENCE_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class Confidence(Threshold):
+    """The hedging threshold on a reply's confidence, the lowest probability the model gave one of
+    its first CONFIDENCE_TOKENS tokens: a reply below it that no tool backs is a guess (said as one when addressed, else
+    withdrawn). Calibrated on the validation split (chimein.train.calibration); adapters trained
+    before that use the default, 0.2: a reply with a token the model gave less than one chance in
+    five."""
+
+    threshold: float = DEFAULT_CONFIDENCE
 
 
 @dataclass
@@ -47,6 +68,11 @@ class Decision:
     completion_tokens: int = 0  # tokens generated for the reply; 0 when silent
     responder: str | None = None  # who wrote the reply when not the local model (e.g. openai:gpt-4o-mini)
     responder_error: str | None = None  # why the responder gave no reply (the local model replied)
+    # how sure the local model was of its reply: the lowest probability it gave one of its first
+    # CONFIDENCE_TOKENS tokens (None: no local reply, or a tool's answer)
+    confidence: float | None = None
+    hedged: bool = False  # the reply was a guess: said as one ("not sure …"), or withdrawn when unaddressed
+    tool: str | None = None  # the tool whose exact answer is the reply (convert, time, weekday, arithmetic)
 
 
 @dataclass

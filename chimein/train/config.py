@@ -81,6 +81,10 @@ class CalibrationSettings(BaseModel):
         "more than a miss (a user can always address the assistant). Validation chats come from the "
         "training distribution, so they understate interruptions on new chats (~1.5x on the "
         "benchmark): 0.03 here aims at <= 0.05 there. None: the best balanced accuracy.")
+    max_confident_error_rate: float = Field(
+        0.1, ge=0, le=1, description="The confidence threshold (below it a reply is said as a guess, "
+        "or withdrawn when the assistant was not addressed) lets at most this share of the validation "
+        "replies that state a checkable fact through confidently wrong.")
 
 
 class TrainConfig(BaseModel):

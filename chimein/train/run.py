@@ -8,7 +8,7 @@ Plan, the steps of `train`:
   2. run: start the MLflow run (params, tags, the dataset as input, config) or resume it
   3. model: the base in 4-bit NF4 (bitsandbytes; CPU and GPU alike) with LoRA
   4. train: TRL's SFTTrainer (or the decision-weighted one), per-step metrics to MLflow
-  5. adapter: saved, and the chattiness threshold calibrated on the validation split
+  5. adapter: saved, and its chattiness and confidence thresholds calibrated on the validation split
   6. publish: the registered model, artifacts and chimein.json (written last: the run is done)
 
 Defaults are the method's (docs/training.md): LoRA r=64, alpha=16, dropout 0.1; batch 4 ×
@@ -33,9 +33,9 @@ from chimein.models.loading import load_base_model, load_tokenizer, resolve_comp
 from chimein.ops import tracking
 from chimein.ops.tracking import tracking_uri
 from chimein.presets import ModelPreset, load_preset
-from chimein.runtime.state import DEFAULT_CHATTINESS
+from chimein.runtime.state import DEFAULT_CHATTINESS, DEFAULT_CONFIDENCE
 from chimein.train import distributed
-from chimein.train.calibration import calibrate_chattiness
+from chimein.train.calibration import calibrate_chattiness, calibrate_confidence
 from chimein.train.config import TrainConfig, flat_params
 from chimein.train.rows import TokenizedData, tokenize_train_split
 from chimein.train.trainer import apply_lora, build_trainer, loss_guard, sft_args
@@ -100,11 +100,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbac
         result = trainer.train(resume_from_checkpoint=plan.checkpoint)
         if not main:
             return None
-        # 5. adapter, with its chattiness threshold
-        chattiness = save_and_calibrate(cfg, trainer, tokenizer, preset, ds, data.version, plan.out_dir)
+        # 5. adapter, with its chattiness and confidence thresholds
+        chattiness, confidence = save_and_calibrate(cfg, trainer, tokenizer, preset, ds, data.version,
+                                                    plan.out_dir)
         # 6. publish: registered model, artifacts, chimein.json
         registered = register_and_log(client, run_id, cfg, trainer, tokenizer, data, plan, chattiness,
-                                      result.training_loss)
+                                      result.training_loss, confidence)
     return TrainResult(run_id, plan.name, plan.out_dir / "adapter", data.version, trainer.state.global_step,
                        result.training_loss, data.labelled_tokens, plan.checkpoint, tracking_uri(),
                        registered, chattiness=chattiness)
@@ -241,9 +242,10 @@ def train_dataset(cfg: TrainConfig, data: TokenizedData):
 
 
 def save_and_calibrate(cfg: TrainConfig, trainer, tokenizer, preset: ModelPreset, ds, version: str,
-                       out_dir: Path) -> dict:
-    """Save the adapter and tokenizer to OUT_DIR/adapter; the chattiness threshold (logged as
-    calibration.*), calibrated on the validation split unless calibration is off."""
+                       out_dir: Path) -> tuple[dict, dict]:
+    """Save the adapter and tokenizer to OUT_DIR/adapter; the chattiness and confidence thresholds
+    (logged as calibration.* and calibration.confidence.*), calibrated on the validation split
+    unless calibration is off."""
     import mlflow
 
     trainer.model.save_pretrained(out_dir / "adapter")
@@ -254,11 +256,18 @@ def save_and_calibrate(cfg: TrainConfig, trainer, tokenizer, preset: ModelPreset
                                            "source": "default (calibration off)"}
     mlflow.log_metrics({f"calibration.{k}": v for k, v in chattiness.items() if isinstance(v, (int, float))})
     mlflow.set_tag("chimein.chattiness_source", chattiness["source"])
-    return chattiness
+    confidence = calibrate_confidence(trainer.model, tokenizer, preset, ds, version,
+                                      cfg.calibration.max_confident_error_rate) \
+        if cfg.calibration.enabled else {"threshold": DEFAULT_CONFIDENCE, "origin": "default",
+                                           "source": "default (calibration off)"}
+    mlflow.log_metrics({f"calibration.confidence.{k}": v for k, v in confidence.items()
+                        if isinstance(v, (int, float))})
+    mlflow.set_tag("chimein.confidence_source", confidence["source"])
+    return chattiness, confidence
 
 
 def register_and_log(client, run_id: str, cfg: TrainConfig, trainer, tokenizer, data: TokenizedData,
-                     plan: RunPlan, chattiness: dict, train_loss: float) -> str | None:
+                     plan: RunPlan, chattiness: dict, train_loss: float, confidence: dict) -> str | None:
     """The registered model version (described and tagged), the run's artifacts (loss curve,
     adapter) and chimein.json, written last: its presence marks the run as finished."""
     import mlflow
@@ -289,6 +298,7 @@ def register_and_log(client, run_id: str, cfg: TrainConfig, trainer, tokenizer, 
         {"name": plan.name, "preset": preset.model_dump(), "dataset_version": data.version,
          "mlflow_run_id": run_id, "registered": registered, "hyperparameters": hyper,
          "adapter_dtype": str(trainer.adapter_dtype).removeprefix("torch."), "chattiness": chattiness,
+         "confidence": confidence,
          "metrics": {"train_loss": train_loss, "labelled_tokens": data.labelled_tokens}},
         indent=2))
     mlflow.log_artifact(str(done), "adapter")

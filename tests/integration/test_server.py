@@ -54,11 +54,17 @@ def test_conversation_endpoint_decides_and_forces(server):
     r = httpx.post(f"{url}/v1/conversations/c1/messages", json={"name": "Ana", "content": "hi"})
     assert r.status_code == 200
     body = r.json()
-    assert set(body) == {"speak", "p_speak", "response", "responder", "responder_error"} and 0 <= body["p_speak"] <= 1
+    assert set(body) == {"speak", "p_speak", "response", "responder", "responder_error", "hedged", "confidence",
+                         "tool"} and 0 <= body["p_speak"] <= 1
     assert body["responder"] is None and body["responder_error"] is None  # the local model replies here
     r = httpx.post(f"{url}/v1/conversations/c1/messages",
                    json={"name": "Ben", "content": "assistant?", "force": True}).json()
     assert r["speak"] and r["response"]
+    # a tiny random model is never sure (default threshold 0.2): its forced reply is said as a guess
+    assert r["hedged"] and 0 < r["confidence"] < 0.2 and r["response"].startswith("Not sure") and r["tool"] is None
+    r = httpx.post(f"{url}/v1/conversations/c1/messages",
+                   json={"name": "Ben", "content": "and 76 cm in inches?", "force": True}).json()
+    assert (r["response"], r["tool"], r["hedged"], r["confidence"]) == ("76 cm = 29.92 in", "convert", False, None)
 
 
 def test_conversations_are_bounded_and_kept_apart(server):
@@ -89,7 +95,7 @@ def test_openai_client_works_against_the_server(server):
     ])
     decision = resp.model_extra["chimein"]
     content = resp.choices[0].message.content
-    assert 0 <= decision["p_speak"] <= 1
+    assert 0 <= decision["p_speak"] <= 1 and {"hedged", "confidence", "tool"} <= set(decision)
     assert content == "(silence)" if not decision["speak"] else content and content != "(silence)"
     with pytest.raises(openai.UnprocessableEntityError):
         client.chat.completions.create(model="chimein", messages=[{"role": "assistant", "content": "hi"}])
@@ -237,13 +243,13 @@ def test_streaming_sends_openai_chunks_with_the_decision_first(server):
     url, bot = server
     body = {"model": "chimein", "messages": [{"role": "user", "name": "Ana", "content": "who wrote Dune?"}],
             "stream": True, "stream_options": {"include_usage": True}}
-    for chattiness in (0.0, 2.0):  # speaking and silent
-        bot.chattiness = chattiness
+    for chattiness in (0.0, 2.0):  # speaking and silent (no hedging: a tiny model would withdraw)
+        bot.chattiness, bot.hedge = chattiness, False
         try:
             chunks = _stream_events(url, body)
             plain = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False}).json()
         finally:
-            bot.chattiness = 0.5
+            bot.chattiness, bot.hedge = 0.5, True
         assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
         assert len({c["id"] for c in chunks}) == 1
         first, *middle, last_choice, usage = chunks

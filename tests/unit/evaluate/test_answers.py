@@ -181,3 +181,29 @@ def test_forced_replies_stop_at_the_cap_and_leave_the_setting_alone():
     assert whole.completion_tokens == bot.max_new_tokens == 96  # the setting is left alone
     assert whole.response.startswith(capped) and len(capped) < len(whole.response)  # the same reply, cut
     assert FORCED_REPLY_TOKENS < 96
+
+
+def test_reference_keys_are_the_numbers_and_names_the_chat_had_not_said():
+    from chimein.evaluate.answers import reference_keys
+
+    assert reference_keys("250 km is about 155 miles.", "how far is 250 km in miles?") == ("155",)
+    assert reference_keys("对，是1974年临潼的农民打井时发现的", "兵马俑什么时候发现的？") == ("1974",)
+    assert reference_keys("Right — the first iPhone came out in January 2007, said Steve Jobs.", "") == \
+        ("2007", "January", "Steve Jobs")  # "Right" starts the sentence: not a name
+    assert reference_keys("Sure, happy to help!", "can you help?") == ()
+
+
+def test_a_key_is_stated_as_a_whole_token_only():
+    from chimein.evaluate.answers import states
+
+    assert states("大约在1974年", ("1974",)) and states("It's 7.5 lb.", ("7.5",))
+    assert not states("50 miles", ("5",)) and not states("14.5 psi", ("14",)) and not states("", ("1",))
+
+
+def test_the_confidence_threshold_lets_through_at_most_the_bound_of_confident_errors():
+    from chimein.train.calibration import confidence_threshold
+
+    scored = [(0.9, True), (0.8, False), (0.5, False), (0.3, True)]
+    assert confidence_threshold(scored, 0.25) == 0.8  # keeps 0.9 and 0.8: one error of four
+    assert confidence_threshold(scored, 0.5) == 0.3  # two errors allowed: keeps all
+    assert confidence_threshold([(0.9, False)], 0.1) > 0.9  # no bound met: every reply hedged

@@ -71,7 +71,7 @@ def test_force_and_chattiness(bot):
     assert not d.speak and d.response is None and 0 <= d.p_speak <= 1
     d = bot.add("Ana", "who are you?", force=True)
     assert d.speak and d.response
-    bot.chattiness = 0.0
+    bot.chattiness, bot.hedge = 0.0, False  # a tiny random model is never sure: it would withdraw
     d = bot.add("Ben", "ok")
     assert d.speak and d.response
 
@@ -183,7 +183,9 @@ def test_scoring_a_conversation_leaves_the_current_one(bot):
 def test_describe_says_what_runs():
     b = bot_for("tiny-chatml")
     fresh = GroupChatAssistant(b.model, b.tokenizer, b.preset, chattiness=0.25)
-    assert fresh.describe() == "tiny-chatml (base) · chattiness 0.250 (fixed) · cpu float32"
+    assert fresh.describe() == "tiny-chatml (base) · chattiness 0.250 (fixed) · hedges below 0.200 (default) · tools · cpu float32"
+    fresh.hedge, fresh.tools = False, False
+    assert fresh.describe() == "tiny-chatml (base) · chattiness 0.250 (fixed) · no hedging · no tools · cpu float32"
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +208,8 @@ def tiny_adapter(tmp_path_factory):
         "name": "tiny", "preset": {**preset.model_dump(), "torch_dtype": "bfloat16"},
         "dataset_version": "ds-test", "mlflow_run_id": "-",
         "hyperparameters": {"quantization": "nf4", "compute_dtype": "float32"}, "adapter_dtype": "float32",
-        "chattiness": {"threshold": 0.42, "source": "calibrated on ds-test:validation"}}))
+        "chattiness": {"threshold": 0.42, "source": "calibrated on ds-test:validation"},
+        "confidence": {"threshold": 0.15, "origin": "calibrated", "source": "calibrated on ds-test:validation"}}))
     return out
 
 
@@ -225,7 +228,8 @@ def test_loading_does_not_import_training(tiny_adapter):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == (
-        f"tiny-chatml + {tiny_adapter} · chattiness 0.420 (calibrated on ds-test:validation) · cpu 4-bit float32")
+        f"tiny-chatml + {tiny_adapter} · chattiness 0.420 (calibrated on ds-test:validation) · "
+        "hedges below 0.150 (calibrated on ds-test:validation) · tools · cpu 4-bit float32")
 
 
 def test_chat_starts_quietly_with_one_line_on_what_was_loaded(tiny_adapter):
@@ -238,7 +242,8 @@ def test_chat_starts_quietly_with_one_line_on_what_was_loaded(tiny_adapter):
     before_prompt = proc.stdout.split("You>")[0].strip().splitlines()
     assert len(before_prompt) == 2, proc.stdout
     assert before_prompt[0].startswith(f"loaded tiny-chatml + {tiny_adapter} · chattiness 0.420 "
-                                       "(calibrated on ds-test:validation) · cpu 4-bit float32 in ")
+                                       "(calibrated on ds-test:validation) · hedges below 0.150 (calibrated "
+                                       "on ds-test:validation) · tools · cpu 4-bit float32 in ")
     assert proc.stderr.strip() == ""
 
 
@@ -362,7 +367,7 @@ def test_one_pass_decision_equals_two_pass_and_leaves_the_cache_at_the_context(b
                 assert context + resp == speaking[:len(context + resp)]
             whole.reset()
             whole.state.messages[:] = st.messages
-            two_pass = whole._decide_two_pass(branches)
+            two_pass = packed.decide_two_pass(whole, branches)
             # tighter than the 1e-4: the tiny random models are nearly uniform, and a
             # branch that saw the other one moved p_speak by only 1e-7..1e-6 (same sums otherwise)
             assert d.p_speak == pytest.approx(two_pass.p_speak, abs=1e-8)
@@ -407,8 +412,11 @@ def test_batched_decisions_equal_one_by_one(name, monkeypatch):
                 assert type(b) is type(a) and str(b) == str(a)
                 continue
             assert b.p_speak == pytest.approx(a.p_speak, abs=1e-4)
-            assert (b.speak, b.response, b.prompt_tokens, b.completion_tokens) == \
-                   (a.speak, a.response, a.prompt_tokens, a.completion_tokens)
+            assert (b.speak, b.response, b.prompt_tokens, b.completion_tokens, b.hedged, b.tool) == \
+                   (a.speak, a.response, a.prompt_tokens, a.completion_tokens, a.hedged, a.tool)
+            assert (a.confidence is None) == (b.confidence is None)
+            if a.confidence is not None:
+                assert b.confidence == pytest.approx(a.confidence, rel=1e-2, abs=1e-4)
         assert any(d.speak for d in together if not isinstance(d, Exception))
         for a, b in zip(one, many):
             assert a.messages == b.messages and a.fed == b.fed

@@ -146,6 +146,17 @@ def test_training_calibrates_and_the_runtime_uses_it(workdir, tmp_path):
     assert bot.chattiness == calibrated["threshold"] and bot.threshold.source == calibrated["source"]
     assert bot.threshold.origin == calibrated["origin"] == "calibrated"
     assert GroupChatAssistant.from_adapter(str(result.adapter_dir), chattiness=0.7).chattiness == 0.7
+    # the confidence threshold: calibrated on the validation replies that state a checkable fact
+    from chimein.evaluate.answers import reference_keys
+
+    confidence = meta["confidence"]
+    keyed = sum(bool(reference_keys(m["content"], " ".join(x["content"] for x in c[:i])))
+                for c in ds["validation"]["messages"] for i, m in enumerate(c)
+                if m["role"] == "assistant" and i and c[i - 1]["role"] == "user")
+    assert keyed and confidence["replies"] == keyed and confidence["origin"] == "calibrated"
+    assert confidence["source"] == f"calibrated on {info.version}:validation, confident errors <= 0.1"
+    assert confidence["confident_errors"] <= 0.1 and 0 <= confidence["said_plainly"] <= 1
+    assert bot.confidence.threshold == confidence["threshold"] and bot.confidence.origin == "calibrated"
 
     # re-scoring an adapter on the benchmark records bench.* on its own training run
     from mlflow import MlflowClient
