@@ -253,6 +253,9 @@ OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast
        ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
 EXPRESSION = re.compile(r"[-+(]*\d[\d.,]*(?:\s*[-+*/×÷^x]\s*[-+(]*\d[\d.,]*\)*)+")
 PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*%\s*of\s*(\d+(?:[.,]\d+)?)", re.I)
+# arithmetic is computed only when asked for: "4-3 on serve" and "leads 2-1" are scores
+ASKS = re.compile(r"\?|？|=|\b(?:what(?:'s| is)|how (?:much|many)|calculate|compute|equals?)\b|多少|等于", re.I)
+SCORE = re.compile(r"\d{1,2}-\d{1,2}")
 
 
 def _evaluate(node):
@@ -269,8 +272,11 @@ def _evaluate(node):
 
 
 def arithmetic(messages: list[str]) -> list[ToolAnswer]:
-    """"what's 17% of 240" → 40.8; "12 * 7.5" → 90 (numbers and + - * / ^ only, parsed, never eval'd)."""
+    """"what's 17% of 240" → 40.8; "12 * 7.5?" → 90 (numbers and + - * / ^ only, parsed, never eval'd),
+    when the message asks (a question, "=", "what's", "how much", 多少 …)."""
     last, out = messages[-1], []
+    if not ASKS.search(last):
+        return []
     for a, b in PERCENT.findall(last):
         value = float(a) / 100 * _number(b)
         out.append(ToolAnswer("arithmetic", f"{_fmt(float(a))}% of {_fmt(_number(b))} = {_fmt(value)}", value))
@@ -278,8 +284,8 @@ def arithmetic(messages: list[str]) -> list[ToolAnswer]:
         return out
     for m in EXPRESSION.finditer(last):
         text = m.group(0).replace("×", "*").replace("÷", "/").replace("^", "**").replace("x", "*").replace(",", "")
-        if re.fullmatch(r"\d{1,4}([-/])\d{1,2}\1\d{1,4}", m.group(0).strip()):
-            continue  # a date, not a subtraction
+        if re.fullmatch(r"\d{1,4}([-/])\d{1,2}\1\d{1,4}", m.group(0).strip()) or SCORE.fullmatch(m.group(0)):
+            continue  # a date or a score, not a subtraction
         try:
             value = _evaluate(ast.parse(text, mode="eval").body)
         except (SyntaxError, ValueError, ZeroDivisionError, OverflowError):

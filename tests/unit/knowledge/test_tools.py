@@ -51,7 +51,8 @@ def test_clock_times_across_zones_and_weekdays_follow_the_calendar():
 @pytest.mark.parametrize("message", [
     "meet at 7 by the lockers", "see you on 2026-12-05", "i'm in but only V1s for me", "it's 5k to the station",
     "1 in 3 people agree", "the 2 of us in 3 cars", "what time is it?", "__import__('os').system('ls') * 2",
-    "2 ** 99999", "12/25/2026 works?", "",
+    "2 ** 99999", "12/25/2026 works?", "", "4-3 on serve", "potassium! Marguerite leads 2-1", "was it 2-1?",
+    "we need 12 * 7.5 metres of rope",
 ])
 def test_no_answer_where_nothing_is_asked_or_nothing_can_be_computed_safely(message):
     assert tool_answers([message]) == []
