@@ -574,7 +574,7 @@ def report(header: dict, results: list[dict]) -> None:
         print(f"\ndecision runtime, serving: not measured on {header['processes']} processes "
               "(single-process measurements: run without --processes)")
     else:
-        print(f"\ndecision runtime (fresh 4-bit base + adapter):")
+        print("\ndecision runtime (fresh 4-bit base + adapter):")
         print(f"{'preset':<20}{'messages':>9}{'tokens':>8}{'p50 ms start':>14}{'p50 ms end':>12}{'peak GB':>9}")
     for r in [r for r in results if r.get("runtime")]:
         rt = r["runtime"]

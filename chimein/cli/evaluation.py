@@ -11,9 +11,9 @@ from rich.table import Table
 
 from chimein.cli.common import (
     CHATTINESS_HELP,
+    HEDGE_HELP,
     RESPONDER_HELP,
     RESPONDER_URL_HELP,
-    HEDGE_HELP,
     TOOLS_HELP,
     app,
     console,

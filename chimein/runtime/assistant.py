@@ -28,8 +28,15 @@ from chimein.conversation import Conversation, Message, parse_conversation
 from chimein.formatting import RESPONSE, SILENCE, chat_turns, marker_pattern, neutralize, render
 from chimein.presets import ModelPreset
 from chimein.runtime import honesty, packed
-from chimein.runtime.state import (CONFIDENCE_TOKENS, Branches, Chattiness, Confidence, ConversationState, Decision,
-                                   common_prefix)
+from chimein.runtime.state import (
+    CONFIDENCE_TOKENS,
+    Branches,
+    Chattiness,
+    Confidence,
+    ConversationState,
+    Decision,
+    common_prefix,
+)
 
 # the instruction of the prompted baselines (docs/evaluation.md): the un-tuned base model
 # (`--base`, `--baseline base`) and the OpenAI one

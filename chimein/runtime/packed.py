@@ -16,7 +16,14 @@ from typing import NamedTuple
 
 from chimein.conversation import Message, parse_conversation
 from chimein.runtime import honesty
-from chimein.runtime.state import CONFIDENCE_TOKENS, Branches, ConversationState, Decision, common_prefix, new_cache
+from chimein.runtime.state import (
+    CONFIDENCE_TOKENS,
+    Branches,
+    ConversationState,
+    Decision,
+    common_prefix,
+    new_cache,
+)
 
 
 def add_many(bot, requests: list[tuple[ConversationState, str, str, bool]],
