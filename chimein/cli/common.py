@@ -70,11 +70,13 @@ TOOLS_HELP = ("Answer conversions, clock times across zones, weekdays and arithm
               "result (pint, zoneinfo) instead of the model's guess.")
 HEDGE_HELP = ("Say a reply the model is not sure of (below the adapter's calibrated confidence) as a "
               "guess when addressed, and stay silent when not; --no-hedge says every reply as it is.")
+WITHDRAW_HELP = ("Not addressed and not sure: stay silent (default); --no-withdraw chimes in with the guess, "
+                 "said as one (the model's decisions unchanged).")
 
 
 def load_assistant(adapter: Optional[str], base: Optional[str], chattiness: Optional[float],
                    responder: Optional[str] = None, responder_base_url: Optional[str] = None,
-                   tools: bool = True, hedge: bool = True):
+                   tools: bool = True, hedge: bool = True, withdraw: bool = True):
     import time
 
     from chimein.models.loading import quiet
@@ -88,10 +90,12 @@ def load_assistant(adapter: Optional[str], base: Optional[str], chattiness: Opti
     try:  # quietly: loading prints progress bars and library warnings by the screenful
         with err.status("loading the model"), quiet():
             if adapter:
-                bot = GroupChatAssistant.from_adapter(adapter, chattiness=chattiness, tools=tools, hedge=hedge)
+                bot = GroupChatAssistant.from_adapter(adapter, chattiness=chattiness, tools=tools, hedge=hedge,
+                                                      withdraw=withdraw)
             else:
                 bot = GroupChatAssistant.from_preset(base, chattiness=DEFAULT_CHATTINESS if chattiness is None else chattiness,
-                                                     system_prompt=BASELINE_PROMPT, tools=tools, hedge=hedge)
+                                                     system_prompt=BASELINE_PROMPT, tools=tools, hedge=hedge,
+                                                     withdraw=withdraw)
     except FileNotFoundError as e:  # no such adapter or preset asset, or no MLflow store for models:/…
         fail(str(e))
     bot.responder = responder_or_fail(responder, responder_base_url)

@@ -15,6 +15,7 @@ from chimein.cli.common import (
     RESPONDER_HELP,
     RESPONDER_URL_HELP,
     TOOLS_HELP,
+    WITHDRAW_HELP,
     app,
     console,
     err,
@@ -38,6 +39,7 @@ def evaluate_cmd(
     responder_base_url: Annotated[Optional[str], typer.Option(help=RESPONDER_URL_HELP)] = None,
     tools: Annotated[bool, typer.Option(help=TOOLS_HELP)] = True,
     hedge: Annotated[bool, typer.Option(help=HEDGE_HELP)] = True,
+    withdraw: Annotated[bool, typer.Option(help=WITHDRAW_HELP)] = True,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N conversations.")] = None,
     replies: Annotated[bool, typer.Option(help="Generate replies where the system speaks (reply similarity); --no-replies scores decisions only, several times faster.")] = True,
     out: Annotated[Path, typer.Option(help="JSON report.")] = Path("outputs/eval/report.json"),
@@ -77,7 +79,7 @@ def evaluate_cmd(
         with err.status("loading the adapter"), quiet():
             try:
                 systems["fine-tuned"] = GroupChatAssistant.from_adapter(adapter, chattiness=chattiness, tools=tools,
-                                                                              hedge=hedge)
+                                                                              hedge=hedge, withdraw=withdraw)
             except FileNotFoundError as e:  # no such adapter, or no MLflow store for models:/…
                 fail(str(e))
         systems["fine-tuned"].responder = responder_or_fail(responder, responder_base_url)
@@ -88,7 +90,7 @@ def evaluate_cmd(
         with err.status("loading the base model"), quiet():
             systems["base"] = GroupChatAssistant.from_preset(
                 preset, chattiness=DEFAULT_CHATTINESS if chattiness is None else chattiness, system_prompt=BASELINE_PROMPT,
-                tools=tools, hedge=hedge)
+                tools=tools, hedge=hedge, withdraw=withdraw)
     if "openai" in baseline:
         try:
             systems["openai"] = OpenAIBaseline(openai_model, openai_base_url)

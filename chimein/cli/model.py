@@ -15,6 +15,7 @@ from chimein.cli.common import (
     RESPONDER_HELP,
     RESPONDER_URL_HELP,
     TOOLS_HELP,
+    WITHDRAW_HELP,
     app,
     console,
     fail,
@@ -89,12 +90,13 @@ def chat(
     responder_base_url: Annotated[Optional[str], typer.Option(help=RESPONDER_URL_HELP)] = None,
     tools: Annotated[bool, typer.Option(help=TOOLS_HELP)] = True,
     hedge: Annotated[bool, typer.Option(help=HEDGE_HELP)] = True,
+    withdraw: Annotated[bool, typer.Option(help=WITHDRAW_HELP)] = True,
 ) -> None:
     """An interactive group chat in the terminal. Type `Name: message`; /as NAME switches the
     speaker, /force makes the assistant answer the last message, /reset, /quit."""
     from chimein.conversation import InvalidConversation
 
-    bot = load_assistant(adapter, base, chattiness, responder, responder_base_url, tools, hedge)
+    bot = load_assistant(adapter, base, chattiness, responder, responder_base_url, tools, hedge, withdraw)
     console.print("Type `Name: message` (or /as NAME), /force, /reset, /quit.")
     speaker = "You"
     while True:
@@ -159,13 +161,14 @@ def serve(
     responder_base_url: Annotated[Optional[str], typer.Option(help=RESPONDER_URL_HELP)] = None,
     tools: Annotated[bool, typer.Option(help=TOOLS_HELP)] = True,
     hedge: Annotated[bool, typer.Option(help=HEDGE_HELP)] = True,
+    withdraw: Annotated[bool, typer.Option(help=WITHDRAW_HELP)] = True,
 ) -> None:
     """Serve the assistant over HTTP (conversation API and an OpenAI-style endpoint)."""
     import uvicorn
 
     from chimein.runtime.server import create_app
 
-    bot = load_assistant(adapter, base, chattiness, responder, responder_base_url, tools, hedge)
+    bot = load_assistant(adapter, base, chattiness, responder, responder_base_url, tools, hedge, withdraw)
     bot.max_new_tokens = max_new_tokens
     console.print(f"serving on http://{host}:{port} "
                   f"(POST /v1/conversations/ID/messages, POST /v1/chat/completions)", soft_wrap=True)

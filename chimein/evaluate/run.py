@@ -55,7 +55,7 @@ def score(system, evalset: EvalSet, limit: int | None = None, replies: bool = Tr
     if isinstance(system, GroupChatAssistant):
         stamp = EvalStamp.of(system, evalset.fingerprint, decisions, evalset.total_decisions, answers_stamp)
         chattiness, source = system.chattiness, system.threshold.source
-        result["honesty"] = {"tools": system.tools, "hedge": system.hedge,
+        result["honesty"] = {"tools": system.tools, "hedge": system.hedge, "withdraw": system.withdraw,
                              "confidence": system.confidence.threshold, "confidence_source": system.confidence.source}
     else:  # the OpenAI baseline says (silence) or answers: no threshold
         stamp = EvalStamp(evalset.fingerprint, decisions, evalset.total_decisions, None, "model output")

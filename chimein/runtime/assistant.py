@@ -52,7 +52,7 @@ class GroupChatAssistant:
     def __init__(self, model, tokenizer, preset: ModelPreset, chattiness: float | Chattiness = Chattiness(),
                  max_new_tokens: int = 96, max_context_tokens: int | None = None,
                  system_prompt: str | None = None, responder=None, confidence: float | Confidence = Confidence(),
-                 tools: bool = True, hedge: bool = True):
+                 tools: bool = True, hedge: bool = True, withdraw: bool = True):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.preset = preset
@@ -67,7 +67,8 @@ class GroupChatAssistant:
         # saying only what is right (chimein.runtime.honesty): tools' exact answers, and below the
         # confidence threshold a guess said as one (or withdrawn when unaddressed)
         self.confidence = confidence if isinstance(confidence, Confidence) else Confidence.fixed(confidence)
-        self.tools, self.hedge = tools, hedge
+        # withdraw: unaddressed and unsure, stay silent (False: chime in with the guess, said as one)
+        self.tools, self.hedge, self.withdraw = tools, hedge, withdraw
         self.pattern = marker_pattern(tokenizer, preset)
         self.eot_id = tokenizer.convert_tokens_to_ids(preset.eot_token)
         self.adapter_ref: str | None = None  # what from_adapter loaded; None for a bare base model
@@ -303,7 +304,7 @@ class GroupChatAssistant:
                 return
         d.response, d.completion_tokens, d.confidence = self._generate(branches)
         self.state.messages.append(Message("assistant", d.response))
-        honesty.settle(d, self.state.messages, self.confidence.threshold, self.hedge, addressed)
+        honesty.settle(d, self.state.messages, self.confidence.threshold, self.hedge, addressed or not self.withdraw)
 
     def _turns(self, messages: list[Message] | None = None) -> list[dict]:
         turns = chat_turns(Conversation(tuple(self.state.messages if messages is None else messages)),

@@ -13,7 +13,8 @@ and after the local model replied:
   Below the adapter's threshold (`Confidence`, calibrated on the validation split), an assistant
   that was addressed says plainly that it is not sure, then what it thinks; one that was not
   addressed withdraws: it stays silent rather than chime in with a guess (`hedge=False` turns this
-  off). The decision says so: `Decision.hedged`, `Decision.confidence`, `Decision.tool`.
+  off; `withdraw=False` chimes in with the guess, said as one, instead of withdrawing). The
+  decision says so: `Decision.hedged`, `Decision.confidence`, `Decision.tool`.
 
 A message addresses the assistant when it is forced (`reply()`, `add(force=True)`, chat's /force)
 or names it: "assistant", "bot", "@…bot", 助手, 机器人.
@@ -57,13 +58,14 @@ def hedged(guess: str, question: str) -> str:
     return HEDGE["zh" if CJK.search(question) else "en"].format(guess=guess)
 
 
-def settle(d: Decision, messages: list, threshold: float, hedge: bool, is_addressed: bool) -> None:
+def settle(d: Decision, messages: list, threshold: float, hedge: bool, say_guess: bool) -> None:
     """After a local reply (the last of `messages`, which ends with it): keep it when the model was
-    sure enough; otherwise say it as a guess when addressed, or withdraw it (silence)."""
+    sure enough; otherwise say it as a guess (`say_guess`: addressed, or withdrawing is off), or
+    withdraw it (silence)."""
     if not hedge or d.confidence is None or d.confidence >= threshold:
         return
     d.hedged = True
-    if is_addressed:
+    if say_guess:
         d.response = hedged(d.response, messages[-2].content)
         messages[-1] = Message("assistant", d.response)
     else:

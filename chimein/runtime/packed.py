@@ -239,7 +239,7 @@ def generate_batch(bot, speakers: list[tuple[ConversationState, Branches, Decisi
     for (st, _, d, addressed), out, low in zip(speakers, outs, lowest):
         d.response, d.completion_tokens, d.confidence = bot._reply_text(out), len(out), low
         st.messages.append(Message("assistant", d.response))
-        honesty.settle(d, st.messages, bot.confidence.threshold, bot.hedge, addressed)
+        honesty.settle(d, st.messages, bot.confidence.threshold, bot.hedge, addressed or not bot.withdraw)
 
 
 class Tree(NamedTuple):

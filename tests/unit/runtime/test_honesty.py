@@ -95,3 +95,14 @@ def test_batched_replies_hedge_withdraw_and_use_tools_as_one_by_one(bot):
     assert [d.tool for d in together] == ["convert", None, None, None]
     assert [d.speak for d in together] == [True, False, True, True]
     assert all(d.hedged for d in together[1:])
+
+
+def test_without_withdrawing_an_unaddressed_guess_is_said_as_one_and_the_decision_stands(bot):
+    bot.confidence, bot.chattiness = Confidence.fixed(1.01), 0.0
+    try:
+        bot.withdraw = False
+        d = bot.add("Ben", "I think it was Rembrandt")
+        assert d.speak and d.hedged and d.response.startswith("Not sure about this one")
+        assert bot.conversation.messages[-1].content == d.response
+    finally:
+        bot.withdraw = True
