@@ -3,6 +3,7 @@ one line, loading an assistant."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -70,13 +71,16 @@ TOOLS_HELP = ("Answer conversions, clock times across zones, weekdays and arithm
               "result (pint, zoneinfo) instead of the model's guess.")
 HEDGE_HELP = ("Say a reply the model is not sure of (below the adapter's calibrated confidence) as a "
               "guess when addressed, and stay silent when not; --no-hedge says every reply as it is.")
+KNOWLEDGE_HELP = ("A folder of the group's documents (Markdown, text): indexed (`chimein knowledge build`), "
+                  "and the passages that fit each reply go to the responder.")
 WITHDRAW_HELP = ("Not addressed and not sure: stay silent (default); --no-withdraw chimes in with the guess, "
                  "said as one (the model's decisions unchanged).")
 
 
 def load_assistant(adapter: Optional[str], base: Optional[str], chattiness: Optional[float],
                    responder: Optional[str] = None, responder_base_url: Optional[str] = None,
-                   tools: bool = True, hedge: bool = True, withdraw: bool = True):
+                   tools: bool = True, hedge: bool = True, withdraw: bool = True,
+                   knowledge: Optional[Path] = None):
     import time
 
     from chimein.models.loading import quiet
@@ -91,12 +95,14 @@ def load_assistant(adapter: Optional[str], base: Optional[str], chattiness: Opti
         with err.status("loading the model"), quiet():
             if adapter:
                 bot = GroupChatAssistant.from_adapter(adapter, chattiness=chattiness, tools=tools, hedge=hedge,
-                                                      withdraw=withdraw)
+                                                      withdraw=withdraw, knowledge=knowledge)
             else:
                 bot = GroupChatAssistant.from_preset(base, chattiness=DEFAULT_CHATTINESS if chattiness is None else chattiness,
                                                      system_prompt=BASELINE_PROMPT, tools=tools, hedge=hedge,
-                                                     withdraw=withdraw)
+                                                     withdraw=withdraw, knowledge=knowledge)
     except FileNotFoundError as e:  # no such adapter or preset asset, or no MLflow store for models:/…
+        fail(str(e))
+    except ValueError as e:  # KnowledgeError: a knowledge folder that cannot be indexed
         fail(str(e))
     bot.responder = responder_or_fail(responder, responder_base_url)
     console.print(f"loaded {bot.describe()} in {time.perf_counter() - start:.1f} s"

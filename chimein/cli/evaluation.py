@@ -12,6 +12,7 @@ from rich.table import Table
 from chimein.cli.common import (
     CHATTINESS_HELP,
     HEDGE_HELP,
+    KNOWLEDGE_HELP,
     RESPONDER_HELP,
     RESPONDER_URL_HELP,
     TOOLS_HELP,
@@ -40,6 +41,7 @@ def evaluate_cmd(
     tools: Annotated[bool, typer.Option(help=TOOLS_HELP)] = True,
     hedge: Annotated[bool, typer.Option(help=HEDGE_HELP)] = True,
     withdraw: Annotated[bool, typer.Option(help=WITHDRAW_HELP)] = True,
+    knowledge: Annotated[Optional[Path], typer.Option(help=KNOWLEDGE_HELP)] = None,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N conversations.")] = None,
     replies: Annotated[bool, typer.Option(help="Generate replies where the system speaks (reply similarity); --no-replies scores decisions only, several times faster.")] = True,
     out: Annotated[Path, typer.Option(help="JSON report.")] = Path("outputs/eval/report.json"),
@@ -79,9 +81,10 @@ def evaluate_cmd(
         with err.status("loading the adapter"), quiet():
             try:
                 systems["fine-tuned"] = GroupChatAssistant.from_adapter(adapter, chattiness=chattiness, tools=tools,
-                                                                              hedge=hedge, withdraw=withdraw)
-            except FileNotFoundError as e:  # no such adapter, or no MLflow store for models:/…
-                fail(str(e))
+                                                                              hedge=hedge, withdraw=withdraw,
+                                                                              knowledge=knowledge)
+            except (FileNotFoundError, ValueError) as e:  # no such adapter, no MLflow store for models:/…,
+                fail(str(e))                                # or a knowledge folder that cannot be indexed
         systems["fine-tuned"].responder = responder_or_fail(responder, responder_base_url)
     if "base" in baseline:
         preset = model or (systems["fine-tuned"].preset.name if adapter else None)
@@ -90,7 +93,7 @@ def evaluate_cmd(
         with err.status("loading the base model"), quiet():
             systems["base"] = GroupChatAssistant.from_preset(
                 preset, chattiness=DEFAULT_CHATTINESS if chattiness is None else chattiness, system_prompt=BASELINE_PROMPT,
-                tools=tools, hedge=hedge, withdraw=withdraw)
+                tools=tools, hedge=hedge, withdraw=withdraw, knowledge=knowledge)
     if "openai" in baseline:
         try:
             systems["openai"] = OpenAIBaseline(openai_model, openai_base_url)

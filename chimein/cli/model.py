@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -11,6 +12,7 @@ from rich.table import Table
 from chimein.cli.common import (
     CHATTINESS_HELP,
     HEDGE_HELP,
+    KNOWLEDGE_HELP,
     PRESET_HELP,
     RESPONDER_HELP,
     RESPONDER_URL_HELP,
@@ -91,12 +93,14 @@ def chat(
     tools: Annotated[bool, typer.Option(help=TOOLS_HELP)] = True,
     hedge: Annotated[bool, typer.Option(help=HEDGE_HELP)] = True,
     withdraw: Annotated[bool, typer.Option(help=WITHDRAW_HELP)] = True,
+    knowledge: Annotated[Optional[Path], typer.Option(help=KNOWLEDGE_HELP)] = None,
 ) -> None:
     """An interactive group chat in the terminal. Type `Name: message`; /as NAME switches the
     speaker, /force makes the assistant answer the last message, /reset, /quit."""
     from chimein.conversation import InvalidConversation
 
-    bot = load_assistant(adapter, base, chattiness, responder, responder_base_url, tools, hedge, withdraw)
+    bot = load_assistant(adapter, base, chattiness, responder, responder_base_url, tools, hedge, withdraw,
+                         knowledge)
     console.print("Type `Name: message` (or /as NAME), /force, /reset, /quit.")
     speaker = "You"
     while True:
@@ -162,13 +166,15 @@ def serve(
     tools: Annotated[bool, typer.Option(help=TOOLS_HELP)] = True,
     hedge: Annotated[bool, typer.Option(help=HEDGE_HELP)] = True,
     withdraw: Annotated[bool, typer.Option(help=WITHDRAW_HELP)] = True,
+    knowledge: Annotated[Optional[Path], typer.Option(help=KNOWLEDGE_HELP)] = None,
 ) -> None:
     """Serve the assistant over HTTP (conversation API and an OpenAI-style endpoint)."""
     import uvicorn
 
     from chimein.runtime.server import create_app
 
-    bot = load_assistant(adapter, base, chattiness, responder, responder_base_url, tools, hedge, withdraw)
+    bot = load_assistant(adapter, base, chattiness, responder, responder_base_url, tools, hedge, withdraw,
+                         knowledge)
     bot.max_new_tokens = max_new_tokens
     console.print(f"serving on http://{host}:{port} "
                   f"(POST /v1/conversations/ID/messages, POST /v1/chat/completions)", soft_wrap=True)

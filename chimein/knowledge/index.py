@@ -39,8 +39,11 @@ class Passage:
     heading: str  # the Markdown headings above it, joined by " › " ("" in a plain text file)
     text: str
 
+    def where(self) -> str:
+        return f"{self.source}{' › ' + self.heading if self.heading else ''}"
+
     def render(self) -> str:
-        return f"[{self.source}{' › ' + self.heading if self.heading else ''}] {self.text}"
+        return f"[{self.where()}] {self.text}"
 
 
 @dataclass(frozen=True)

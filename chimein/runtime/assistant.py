@@ -52,7 +52,7 @@ class GroupChatAssistant:
     def __init__(self, model, tokenizer, preset: ModelPreset, chattiness: float | Chattiness = Chattiness(),
                  max_new_tokens: int = 96, max_context_tokens: int | None = None,
                  system_prompt: str | None = None, responder=None, confidence: float | Confidence = Confidence(),
-                 tools: bool = True, hedge: bool = True, withdraw: bool = True):
+                 tools: bool = True, hedge: bool = True, withdraw: bool = True, knowledge=None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.preset = preset
@@ -69,6 +69,8 @@ class GroupChatAssistant:
         self.confidence = confidence if isinstance(confidence, Confidence) else Confidence.fixed(confidence)
         # withdraw: unaddressed and unsure, stay silent (False: chime in with the guess, said as one)
         self.tools, self.hedge, self.withdraw = tools, hedge, withdraw
+        # the group's documents (a KnowledgeIndex, or a folder's path): passages for the responder
+        self.knowledge = honesty.open_knowledge(knowledge)
         self.pattern = marker_pattern(tokenizer, preset)
         self.eot_id = tokenizer.convert_tokens_to_ids(preset.eot_token)
         self.adapter_ref: str | None = None  # what from_adapter loaded; None for a bare base model
@@ -294,8 +296,10 @@ class GroupChatAssistant:
         if self.responder is not None:
             from chimein.runtime.responder import ResponderError
 
+            hits = honesty.retrieve(self.knowledge, self.state.messages)
+            d.passages = [h.passage.where() for h in hits]
             try:
-                text = self.responder.reply(self.state.messages)
+                text = self.responder.reply(self.state.messages, [h.passage.render() for h in hits])
             except ResponderError as e:  # the local model answers instead: no message is lost
                 d.responder_error = str(e)
             else:

@@ -23,6 +23,7 @@ or names it: "assistant", "bot", "@…bot", 助手, 机器人.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from chimein.conversation import Message
 from chimein.runtime.state import Decision
@@ -51,6 +52,28 @@ def answer_with_tool(d: Decision, messages: list[Message], pattern: re.Pattern) 
     d.response, d.tool = neutralize(answers[0].text, pattern), answers[0].kind
     messages.append(Message("assistant", d.response))
     return True
+
+
+KNOWLEDGE_PASSAGES = 3  # passages retrieved per reply
+
+
+def open_knowledge(knowledge):
+    """A KnowledgeIndex from a folder's path (indexed, or loaded when up to date); an index or None
+    as given."""
+    if knowledge is None or not isinstance(knowledge, (str, Path)):
+        return knowledge
+    from chimein.knowledge.index import KnowledgeIndex
+
+    return KnowledgeIndex.open(knowledge)[0]
+
+
+def retrieve(knowledge, messages: list[Message]) -> list:
+    """The passages of the group's documents for the last message (with the user message before it,
+    which often holds the subject of a short follow-up); [] without knowledge."""
+    if knowledge is None:
+        return []
+    users = [m.content for m in messages if m.role == "user"][-2:]
+    return knowledge.search(" ".join(users), k=KNOWLEDGE_PASSAGES)
 
 
 def hedged(guess: str, question: str) -> str:

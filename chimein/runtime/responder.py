@@ -8,7 +8,8 @@ speaks at a quarter of the messages pays the large model for that quarter.
 
 What the endpoint gets: the method's instruction (the assistant of a group chat, that has decided
 to reply now; brief; plain about what it does not know), then the conversation with each person's
-name in the API's `name` field and the assistant's earlier replies as its own turns.
+name in the API's `name` field and the assistant's earlier replies as its own turns, and the
+passages retrieved from the group's documents when the assistant has them (`knowledge=`).
 
 When the endpoint fails (refused, an HTTP error, a timeout, an empty answer), nothing crashes and
 no message is lost: the reply comes from the local model instead, and the Decision says so
@@ -30,6 +31,11 @@ RESPONDER_PROMPT = (
     "addressed or can add a useful fact. Reply with the message only: brief, in the language of "
     "the chat, as a friend in the chat would write. If you are not sure of a fact, say plainly "
     "that you are not sure instead of guessing."
+)
+PASSAGES_PROMPT = (
+    "Passages from the group's own documents that may answer the last message, best first. Use "
+    "a fact from them when one answers; if none does and the question is about the group's own "
+    "affairs, say that the documents do not say.\n\n{passages}"
 )
 
 
@@ -74,9 +80,12 @@ class OpenAIResponder:
         self.name = f"openai:{model}"
         self.stats = ResponderStats()
 
-    def request(self, messages: list[Message]) -> list[dict]:
-        """The chat completion's messages for a conversation (ending with the message to answer)."""
+    def request(self, messages: list[Message], passages: list[str] = ()) -> list[dict]:
+        """The chat completion's messages for a conversation (ending with the message to answer),
+        with the passages retrieved from the group's documents, if any."""
         out = [{"role": "system", "content": self.prompt}]
+        if passages:
+            out.append({"role": "system", "content": PASSAGES_PROMPT.format(passages="\n\n".join(passages))})
         for m in messages:
             if m.role == "assistant":
                 out.append({"role": "assistant", "content": m.content})
@@ -84,13 +93,13 @@ class OpenAIResponder:
                 out.append({"role": "user", "name": api_name(m.name), "content": f"{m.name}: {m.content}"})
         return out
 
-    def reply(self, messages: list[Message]) -> str:
+    def reply(self, messages: list[Message], passages: list[str] = ()) -> str:
         import openai
 
         self.stats.calls += 1
         start = time.perf_counter()
         try:
-            r = self.client.chat.completions.create(model=self.model, messages=self.request(messages),
+            r = self.client.chat.completions.create(model=self.model, messages=self.request(messages, passages),
                                                     temperature=0, max_tokens=self.max_tokens)
             choices = getattr(r, "choices", None)  # a proxy's HTML page comes back as a str
             if not isinstance(choices, list):

@@ -68,6 +68,7 @@ class DecisionOut(BaseModel):
     hedged: bool = False  # the reply was a guess: said as one, or withdrawn (silence) when unaddressed
     confidence: float | None = None  # the local model's confidence in its reply (runtime.honesty)
     tool: str | None = None  # the tool whose exact answer is the reply
+    passages: list[str] = []  # where the passages retrieved from the group's documents come from
 
 
 class ChatMessage(BaseModel):
@@ -163,7 +164,7 @@ def create_app(bot: GroupChatAssistant, max_conversations: int = 256, max_cache_
         d = batcher.submit(cid, msg.name, msg.content, msg.force)
         return DecisionOut(speak=d.speak, p_speak=d.p_speak, response=d.response, responder=d.responder,
                            responder_error=d.responder_error, hedged=d.hedged, confidence=d.confidence,
-                           tool=d.tool)
+                           tool=d.tool, passages=d.passages)
 
     @app.delete("/v1/conversations/{cid}")
     def delete_conversation(cid: str = Path(min_length=1, max_length=256)) -> dict:
@@ -196,7 +197,7 @@ def create_app(bot: GroupChatAssistant, max_conversations: int = 256, max_cache_
                  "total_tokens": d.prompt_tokens + d.completion_tokens}
         chimein = {"speak": d.speak, "p_speak": d.p_speak, "responder": d.responder,
                    "responder_error": d.responder_error, "hedged": d.hedged, "confidence": d.confidence,
-                   "tool": d.tool,
+                   "tool": d.tool, "passages": d.passages,
                    "ignored_system_messages": sum(m.role in ("system", "developer") for m in req.messages)}
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "created": int(time.time()), "model": req.model}
         if not req.stream:

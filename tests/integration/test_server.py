@@ -55,7 +55,7 @@ def test_conversation_endpoint_decides_and_forces(server):
     assert r.status_code == 200
     body = r.json()
     assert set(body) == {"speak", "p_speak", "response", "responder", "responder_error", "hedged", "confidence",
-                         "tool"} and 0 <= body["p_speak"] <= 1
+                         "tool", "passages"} and 0 <= body["p_speak"] <= 1 and body["passages"] == []
     assert body["responder"] is None and body["responder_error"] is None  # the local model replies here
     r = httpx.post(f"{url}/v1/conversations/c1/messages",
                    json={"name": "Ben", "content": "assistant?", "force": True}).json()
@@ -95,7 +95,7 @@ def test_openai_client_works_against_the_server(server):
     ])
     decision = resp.model_extra["chimein"]
     content = resp.choices[0].message.content
-    assert 0 <= decision["p_speak"] <= 1 and {"hedged", "confidence", "tool"} <= set(decision)
+    assert 0 <= decision["p_speak"] <= 1 and {"hedged", "confidence", "tool", "passages"} <= set(decision)
     assert content == "(silence)" if not decision["speak"] else content and content != "(silence)"
     with pytest.raises(openai.UnprocessableEntityError):
         client.chat.completions.create(model="chimein", messages=[{"role": "assistant", "content": "hi"}])

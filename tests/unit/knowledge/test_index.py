@@ -125,3 +125,14 @@ def test_the_build_command_reports_what_it_indexed_and_skipped(folder):
     assert r.exit_code == 0 and "[events/regatta.txt] Summer regatta logistics Buses leave" in r.output
     r = CliRunner().invoke(app, ["knowledge", "build", str(folder / "nope")], env={"COLUMNS": "300"})
     assert r.exit_code != 0 and "no such folder" in r.output
+
+
+def test_chat_with_a_folder_that_cannot_be_indexed_is_one_clear_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from chimein.cli import app
+
+    (tmp_path / "scan.pdf").write_bytes(b"%PDF")
+    r = CliRunner().invoke(app, ["chat", "--base", "tiny-chatml", "--knowledge", str(tmp_path)], input="/quit\n",
+                           env={"COLUMNS": "300"})
+    assert r.exit_code != 0 and "no passage to index: add Markdown (.md) or text (.txt) files" in r.output

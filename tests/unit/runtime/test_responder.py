@@ -91,3 +91,26 @@ def test_chat_replies_through_the_responder_and_says_when_it_failed():
     assert r.exit_code == 0, r.output
     assert "replies from openai:big-model" in r.output and "It's Canberra." in r.output
     assert "the responder failed (openai:big-model: " in r.output and "the local model replied" in r.output
+
+
+def test_the_responder_gets_the_passages_of_the_groups_documents(bot, tmp_path):
+    """With knowledge, each reply's responder request carries the passages retrieved for the last
+    messages (best first, with where they come from), and the Decision names them."""
+    from chimein.runtime.honesty import open_knowledge
+    from tests.unit.knowledge.test_index import EVENT, HANDBOOK
+
+    (tmp_path / "handbook.md").write_text(HANDBOOK, encoding="utf-8")
+    (tmp_path / "regatta.txt").write_text(EVENT, encoding="utf-8")
+    bot.knowledge = open_knowledge(tmp_path)  # what knowledge=PATH does (from_adapter, --knowledge)
+    try:
+        with FakeLLM("openai", script=["Buses leave at 7:15."]) as fake:
+            bot.responder = OpenAIResponder("big-model", base_url=fake.base_url)
+            bot.add("Ana", "regatta on saturday!")
+            d = bot.add("Ben", "bot, what time is the bus?", force=True)
+            sent = fake.requests[0]["messages"]
+    finally:
+        bot.knowledge = None
+    assert d.response == "Buses leave at 7:15." and d.passages[0] == "regatta.txt"
+    assert sent[0]["content"] == RESPONDER_PROMPT and sent[1]["role"] == "system"
+    assert "[regatta.txt] Summer regatta logistics Buses leave the station car park at 7:15" in sent[1]["content"]
+    assert sent[1]["content"].index("[regatta.txt]") < sent[1]["content"].index("[handbook.md")  # best first
