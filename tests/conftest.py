@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,13 @@ import pytest
 from chimein.models.assets import build_asset
 from chimein.models.loading import load_tokenizer
 from chimein.presets import load_preset
+
+# A shell that starts the tests in the background (`make test &`, nohup) ignores SIGINT, and the
+# ignoring is inherited: the Ctrl-C tests would then see no KeyboardInterrupt, nor would the
+# programs they start and interrupt. Python's own handler is put back (exec'd children then get
+# the default disposition again).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"  # small data files made for the tests
