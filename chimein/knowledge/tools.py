@@ -12,6 +12,7 @@ the model never does the arithmetic. It answers only what it recognises; anythin
 What it recognises:
 
 - a quantity and a unit to convert it to: "76 cm in inches", "3.4kg is how much in pounds",
+  "how many minutes is 2 hours",
   "what's that in miles" (the quantity from a message before), "28 degrees … in fahrenheit" and
   "roast at 325, my oven is celsius" (a bare number or "degrees" with a temperature scale asked
   for: the other scale), 公里 / 英里 / 摄氏 / 华氏 and other Chinese unit names;
@@ -70,21 +71,28 @@ UNITS = {
     "fl oz": "fluid_ounce", "gallon": "gallon", "gallons": "gallon", "pint": "pint", "pints": "pint",
     "km/h": "kilometer_per_hour", "kph": "kilometer_per_hour", "kmh": "kilometer_per_hour",
     "mph": "mile_per_hour", "公里每小时": "kilometer_per_hour",
+    "s": "second", "sec": "second", "secs": "second", "second": "second", "seconds": "second", "秒": "second",
+    "min": "minute", "mins": "minute", "minute": "minute", "minutes": "minute", "分钟": "minute",
+    "h": "hour", "hr": "hour", "hrs": "hour", "hour": "hour", "hours": "hour", "小时": "hour",
+    "day": "day", "days": "day", "天": "day", "week": "week", "weeks": "week", "周": "week",
 }
 SYMBOLS = {"degC": "°C", "degF": "°F", "kelvin": "K", "millimeter": "mm", "centimeter": "cm", "meter": "m",
            "kilometer": "km", "inch": "in", "foot": "ft", "yard": "yd", "mile": "mi", "gram": "g",
            "kilogram": "kg", "pound": "lb", "ounce": "oz", "stone": "st", "milliliter": "ml", "liter": "l",
            "cup": "cups", "tablespoon": "tbsp", "teaspoon": "tsp", "fluid_ounce": "fl oz", "gallon": "gal",
-           "pint": "pt", "kilometer_per_hour": "km/h", "mile_per_hour": "mph"}
+           "pint": "pt", "kilometer_per_hour": "km/h", "mile_per_hour": "mph", "second": "s", "minute": "min",
+           "hour": "h", "day": "days", "week": "weeks"}
 # one-letter and ambiguous words count as units only right after a number ("76 in" is not asked)
-LOOSE = {"c", "f", "m", "k", "in", "g", "l", "st", "gr", "米", "克", "升", "杯", "码", "寸"}
+# (and time words: "office hours" asks for no conversion; "how many minutes", "in days" do)
+LOOSE = {"c", "f", "m", "k", "in", "g", "l", "st", "gr", "米", "克", "升", "杯", "码", "寸",
+         *(word for word, unit in UNITS.items() if unit in ("second", "minute", "hour", "day", "week"))}
 TEMPERATURE = {"degC", "degF", "kelvin"}
 WARM_WORDS = re.compile(r"\bdegrees?\b|\bdeg\b|°|º|\btemp|\boven\b|\broast|\bbake|\bhot\b|\bcold\b|\bwarm\b|"
                         r"\bfever\b|度|温度|烤", re.I)
 _UNIT_ALT = "|".join(re.escape(u) for u in sorted(UNITS, key=len, reverse=True))
 NUMBER = r"(?<![0-9A-Za-z.])(-?\d+(?:[.,]\d+)?)"
 QUANTITY = re.compile(NUMBER + r"\s*(" + _UNIT_ALT + r")(?![a-z])", re.I)
-TARGET = re.compile(r"(?:\b(?:in|into|to|as)\s+|换算成|换成|是多少|等于多少|多少)\s*(" + _UNIT_ALT + r")(?![a-z])|"
+TARGET = re.compile(r"(?:\b(?:in|into|to|as|how many)\s+|换算成|换成|是多少|等于多少|多少)\s*(" + _UNIT_ALT + r")(?![a-z])|"
                     r"(?<![A-Za-z°º])(" + _UNIT_ALT + r")(?![a-z])", re.I)
 
 

@@ -28,6 +28,8 @@ def one(*messages, today=None):
     (["3 cups to ml?"], "3 cups = 709.8 ml", 3 * 236.5882365),
     (["100公里是多少英里"], "100 km = 62.14 mi", 100 / 1.609344),
     (["烤箱是摄氏的，食谱写375华氏度，换算成摄氏是多少"], "375 °F = 190.6 °C", (375 - 32) * 5 / 9),
+    (["assistant, how many minutes is 2 hours?"], "2 h = 120 min", 120.0),
+    (["the flight is 14.5 hours, how many days is that"], "14.5 h = 0.6042 days", 14.5 / 24),
     (["what's 17% of 240"], "17% of 240 = 40.8", 40.8),
     (["so (3 + 4) * 2.5 each?"], "(3 + 4) * 2.5 = 17.5", 17.5),
 ])
@@ -52,7 +54,8 @@ def test_clock_times_across_zones_and_weekdays_follow_the_calendar():
     "meet at 7 by the lockers", "see you on 2026-12-05", "i'm in but only V1s for me", "it's 5k to the station",
     "1 in 3 people agree", "the 2 of us in 3 cars", "what time is it?", "__import__('os').system('ls') * 2",
     "2 ** 99999", "12/25/2026 works?", "", "4-3 on serve", "potassium! Marguerite leads 2-1", "was it 2-1?",
-    "we need 12 * 7.5 metres of rope",
+    "we need 12 * 7.5 metres of rope", "meet in 10 minutes, I'm 5 mins late", "took 3 hours, see you in a day or two",
+    "my teaching assistant knits during office hours",
 ])
 def test_no_answer_where_nothing_is_asked_or_nothing_can_be_computed_safely(message):
     assert tool_answers([message]) == []
