@@ -55,7 +55,11 @@ class FakeLLM:
                 self.wfile.write(data)
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+                length = int(self.headers["Content-Length"])
+                raw = self.rfile.read(length)
+                if length and len(raw) < length:  # the client died before its body arrived: never received
+                    return
+                body = json.loads(raw or b"{}")
                 with llm.lock:
                     llm.requests.append(body)
                     step = llm.script.pop(0) if llm.script else None
