@@ -9,12 +9,15 @@ After the assistant decides to speak, before any reply is generated:
 and after the local model replied:
 
 - **a guess is said as one.** The reply's confidence is the lowest probability the model gave one
-  of its tokens (a name or a number it had to pick among many is where a small model goes wrong).
+  of its first CONFIDENCE_TOKENS tokens (a name or a number it had to pick among many is where a small model goes wrong).
   Below the adapter's threshold (`Confidence`, calibrated on the validation split), an assistant
   that was addressed says plainly that it is not sure, then what it thinks; one that was not
   addressed withdraws: it stays silent rather than chime in with a guess (`hedge=False` turns this
   off; `withdraw=False` chimes in with the guess, said as one, instead of withdrawing). The
-  decision says so: `Decision.hedged`, `Decision.confidence`, `Decision.tool`.
+  decision says so: `Decision.hedged`, `Decision.confidence`, `Decision.tool`;
+
+and, with the group's documents (`knowledge=`), the passages retrieved for each reply go to the
+responder (`Decision.passages`).
 
 A message addresses the assistant when it is forced (`reply()`, `add(force=True)`, chat's /force)
 or names it: "assistant", "bot", "@…bot", 助手, 机器人.
@@ -26,10 +29,10 @@ import re
 from pathlib import Path
 
 from chimein.conversation import Message
+from chimein.knowledge.index import CJK
 from chimein.runtime.state import Decision
 
 ADDRESS = re.compile(r"\b(?:assistant|bot|chimein)\b|@\w*bot\b|助手|机器人", re.IGNORECASE)
-CJK = re.compile(r"[\u3400-\u9fff]")
 
 # the words of a hedge, per language; answers.HEDGES recognises them (a test checks it)
 HEDGE = {"en": "Not sure about this one, so please double-check: {guess}",
