@@ -21,6 +21,8 @@ from typing import Literal
 
 MAX_MESSAGE_CHARS = 4000  # longer is almost surely a paste or a generator gone wrong
 MAX_NAME_CHARS = 32
+MAX_PASSAGES = 4  # passages of the group's documents shown with one user message
+MAX_PASSAGE_CHARS = 1500
 
 Role = Literal["user", "assistant"]
 
@@ -30,6 +32,9 @@ class Message:
     role: Role
     content: str
     name: str | None = None  # normalised speaker name; user messages only
+    # passages of the group's documents retrieved when the message arrived (user messages only):
+    # the model reads them before the message (chimein.formatting), best first
+    passages: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class Conversation:
         return [
             {"role": m.role, "content": m.content} if m.role == "assistant"
             else {"role": m.role, "name": m.name, "content": m.content}
+            | ({"passages": list(m.passages)} if m.passages else {})
             for m in self.messages
         ]
 
@@ -125,7 +131,7 @@ def parse_conversation(obj: object, max_message_chars: int = MAX_MESSAGE_CHARS) 
             raise InvalidConversation(
                 "unknown_role", f"{where}: unknown role {role!r} (expected 'user' or 'assistant')"
             )
-        allowed = {"role", "content", "name"} if role == "user" else {"role", "content"}
+        allowed = {"role", "content", "name", "passages"} if role == "user" else {"role", "content"}
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise InvalidConversation(
@@ -158,8 +164,9 @@ def parse_conversation(obj: object, max_message_chars: int = MAX_MESSAGE_CHARS) 
                 f"{where}: content is {len(content)} characters, over the limit of "
                 f"{max_message_chars}; split or shorten the message",
             )
-        name = None
+        name, passages = None, ()
         if role == "user":
+            passages = _passages(raw.get("passages", []), where)
             raw_name = raw.get("name")
             if raw_name is None:
                 raise InvalidConversation(
@@ -184,8 +191,32 @@ def parse_conversation(obj: object, max_message_chars: int = MAX_MESSAGE_CHARS) 
                 "consecutive_assistant",
                 f"{where}: two assistant messages in a row; merge them into one reply",
             )
-        messages.append(Message(role=role, content=content, name=name))
+        messages.append(Message(role=role, content=content, name=name, passages=passages))
     return Conversation(tuple(messages))
+
+
+def _passages(raw: object, where: str) -> tuple[str, ...]:
+    """A user message's 'passages': a list of at most MAX_PASSAGES non-empty strings."""
+    if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
+        raise InvalidConversation("wrong_type", f"{where}: 'passages' must be a list of strings")
+    passages = tuple(p.strip() for p in raw)
+    if len(passages) > MAX_PASSAGES:
+        raise InvalidConversation(
+            "too_many_passages", f"{where}: {len(passages)} passages, over the limit of {MAX_PASSAGES}; "
+            "keep the best ones")
+    for j, p in enumerate(passages, 1):
+        if not p:
+            raise InvalidConversation("empty_content", f"{where}: passage {j} is empty")
+        if len(p) > MAX_PASSAGE_CHARS:
+            raise InvalidConversation(
+                "message_too_long", f"{where}: passage {j} is {len(p)} characters, over the limit of "
+                f"{MAX_PASSAGE_CHARS}; index the documents in smaller sections")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidConversation("invalid_text", f"{where}: passage {j} has a lone surrogate, "
+                                      "which is not Unicode text; fix its encoding") from None
+    return passages
 
 
 def load_conversations(

@@ -6,9 +6,19 @@ the turns; the assistant mask comes from *character offsets* of that rendering, 
 through the fast tokenizer's offset mapping — never from searching marker token ids, which
 tokenize differently depending on the text before them.
 
-Untrusted text (names and contents) is neutralised first: any special token of the tokenizer and
+A user message that arrived with passages of the group's documents (`Message.passages`, retrieved
+by chimein.knowledge) carries them before the speaker's line, fenced:
+
+    (documents)
+    [handbook.md › Fees] Membership is 40 euros a year.
+    (end of documents)
+    Alice: how much is the fee?
+
+Untrusted text (names, contents and passages) is neutralised first: any special token of the tokenizer and
 any marker text of the template family that appears in it gets a zero-width space after its first
-character, so it can never be parsed as a special token or open/close a turn.
+character, so it can never be parsed as a special token or open/close a turn; the fences of the
+documents block are neutralised the same way everywhere but in the fences themselves, so neither
+a document nor a user can close the block or open one.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ from chimein.presets import FAMILIES, ModelPreset
 SILENCE = "(silence)"
 RESPONSE = "(response)"
 ZWSP = "\u200b"
+DOCUMENTS, END_DOCUMENTS = "(documents)", "(end of documents)"
+_FENCES = re.compile(f"{re.escape(END_DOCUMENTS)}|{re.escape(DOCUMENTS)}", re.IGNORECASE)
 
 # Placeholders stand in for contents while the template is rendered once to find its glue text.
 _PLACEHOLDER = "\ue000{}\ue001"
@@ -59,8 +71,11 @@ def chat_turns(conversation: Conversation, pattern: re.Pattern) -> list[dict]:
         if m.role != "user":
             continue
         # neutralise the whole turn: a name and its ": " together can spell a marker
-        user = f"{normalize_name(m.name or '')}: {m.content}"
-        turns.append({"role": "user", "content": neutralize(user, pattern)})
+        user = neutralize(neutralize(f"{normalize_name(m.name or '')}: {m.content}", pattern), _FENCES)
+        if m.passages:
+            docs = "\n".join(neutralize(neutralize(p, pattern), _FENCES) for p in m.passages)
+            user = neutralize(f"{DOCUMENTS}\n{docs}\n{END_DOCUMENTS}\n{user}", pattern)
+        turns.append({"role": "user", "content": user})
         reply = msgs[i + 1] if i + 1 < len(msgs) and msgs[i + 1].role == "assistant" else None
         content = neutralize(f"{RESPONSE} {reply.content}", pattern) if reply else SILENCE
         turns.append({"role": "assistant", "content": content})

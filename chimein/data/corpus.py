@@ -76,7 +76,7 @@ def augment(conv: Conversation, spec, pool: list[str]) -> Conversation:
 
         return pattern.sub(sub, text)
 
-    msgs = [Message(m.role, rename(m.content), mapping.get((m.name or "").lower())) for m in conv.messages]
+    msgs = [Message(m.role, rename(m.content), mapping.get((m.name or "").lower()), m.passages) for m in conv.messages]
     # a reaction may follow a user message that the assistant did not answer, never the first
     slots = [i for i in range(1, len(msgs)) if msgs[i].role == "user"
              and (i + 1 == len(msgs) or msgs[i + 1].role == "user")]

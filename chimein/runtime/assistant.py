@@ -69,7 +69,8 @@ class GroupChatAssistant:
         self.confidence = confidence if isinstance(confidence, Confidence) else Confidence.fixed(confidence)
         # withdraw: unaddressed and unsure, stay silent (False: chime in with the guess, said as one)
         self.tools, self.hedge, self.withdraw = tools, hedge, withdraw
-        # the group's documents (a KnowledgeIndex, or a folder's path): passages for the responder
+        # the group's documents (a KnowledgeIndex, or a folder's path): each user message is shown
+        # with the passages it retrieves (honesty.with_passages)
         self.knowledge = honesty.open_knowledge(knowledge)
         self.pattern = marker_pattern(tokenizer, preset)
         self.eot_id = tokenizer.convert_tokens_to_ids(preset.eot_token)
@@ -152,8 +153,10 @@ class GroupChatAssistant:
         or a failure on the way (even Ctrl-C) leaves the conversation as it was, less its cache."""
         msg = parse_conversation([{"role": "user", "name": name, "content": content}]).messages[0]
         with self._all_or_nothing():
+            msg, sources = honesty.with_passages(self.knowledge, self.state.messages, msg)
             self.state.messages.append(msg)
             d, branches = self._decide(self._window())
+            d.passages = sources
             d.speak = force or d.p_speak >= self.chattiness
             if d.speak and reply:
                 self._respond(d, branches, honesty.addressed(content, force))
@@ -296,10 +299,8 @@ class GroupChatAssistant:
         if self.responder is not None:
             from chimein.runtime.responder import ResponderError
 
-            hits = honesty.retrieve(self.knowledge, self.state.messages)
-            d.passages = [h.passage.where() for h in hits]
             try:
-                text = self.responder.reply(self.state.messages, [h.passage.render() for h in hits])
+                text = self.responder.reply(self.state.messages, honesty.recent_passages(self.state.messages))
             except ResponderError as e:  # the local model answers instead: no message is lost
                 d.responder_error = str(e)
             else:

@@ -51,11 +51,13 @@ def add_many(bot, requests: list[tuple[ConversationState, str, str, bool]],
                 results[i] = e
         return results
     ready: list[tuple[int, ConversationState, list[Message], Branches]] = []
+    sources: dict[int, list[str]] = {}  # where each message's passages come from
     for i, (state, name, content, _) in enumerate(requests):
         before = list(state.messages)
         try:
             msg = parse_conversation([{"role": "user", "name": name, "content": content}]).messages[0]
             bot.use(state)
+            msg, sources[i] = honesty.with_passages(bot.knowledge, state.messages, msg)
             state.messages.append(msg)
             ready.append((i, state, before, bot._window()))
         except Exception as e:  # noqa: BLE001
@@ -67,6 +69,7 @@ def add_many(bot, requests: list[tuple[ConversationState, str, str, bool]],
             speakers = []
             for (i, st, _, br), d in zip(group, decisions):
                 d.speak = requests[i][3] or d.p_speak >= bot.chattiness
+                d.passages = sources[i]
                 results[i] = d
                 bot.use(st)
                 if d.speak and reply and not (bot.tools and honesty.answer_with_tool(d, st.messages, bot.pattern)):

@@ -73,7 +73,7 @@ class Decision:
     confidence: float | None = None
     hedged: bool = False  # the reply was a guess: said as one ("not sure …"), or withdrawn when unaddressed
     tool: str | None = None  # the tool whose exact answer is the reply (convert, time, weekday, arithmetic)
-    passages: list[str] = field(default_factory=list)  # where the passages retrieved for the reply come from
+    passages: list[str] = field(default_factory=list)  # where the passages shown with the message come from
 
 
 @dataclass

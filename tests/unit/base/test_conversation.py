@@ -309,6 +309,15 @@ def test_to_json_round_trips():
     assert again.to_json() == out
 
 
+def test_passages_round_trip_and_are_left_out_when_there_are_none():
+    raw = [{**_user("Ana", "dues?"), "passages": [" [club.md › Fees] Dues are 40 euros. "]}, _user("Ben", "ok")]
+    conv = parse_conversation(raw)
+    assert conv.messages[0].passages == ("[club.md › Fees] Dues are 40 euros.",)
+    assert conv.to_json()[0]["passages"] == ["[club.md › Fees] Dues are 40 euros."]
+    assert "passages" not in conv.to_json()[1]
+    assert parse_conversation(json.loads(json.dumps(conv.to_json()))) == conv
+
+
 def test_to_json_round_trips_every_valid_line_of_mixed():
     for conv in load_conversations(MIXED).conversations:
         assert parse_conversation(json.loads(json.dumps(conv.to_json()))) == conv
@@ -340,6 +349,12 @@ def test_message_length_limit_is_inclusive_and_measured_after_strip():
         ([{"role": "user", "name": None, "content": "hi"}], "missing_name", "without a 'name'"),
         ([_user(" <|> ", "hi")], "missing_name", "empty once normalised"),
         ([_assistant("hi")], "starts_with_assistant", "starts with an assistant"),
+        ([{**_user("A", "hi"), "passages": "doc"}], "wrong_type", "'passages' must be a list of strings"),
+        ([{**_user("A", "hi"), "passages": ["a", 2]}], "wrong_type", "'passages' must be a list of strings"),
+        ([{**_user("A", "hi"), "passages": ["a", " "]}], "empty_content", "passage 2 is empty"),
+        ([{**_user("A", "hi"), "passages": ["p"] * 5}], "too_many_passages", "5 passages, over the limit of 4"),
+        ([{**_user("A", "hi"), "passages": ["p" * 1501]}], "message_too_long", "passage 1 is 1501 characters"),
+        ([_user("A", "hi"), {**_assistant("x"), "passages": ["p"]}], "unknown_key", "'passages'"),
         (
             [_user("A", "hi"), _assistant("a"), _assistant("b")],
             "consecutive_assistant",

@@ -94,8 +94,9 @@ def test_chat_replies_through_the_responder_and_says_when_it_failed():
 
 
 def test_the_responder_gets_the_passages_of_the_groups_documents(bot, tmp_path):
-    """With knowledge, each reply's responder request carries the passages retrieved for the last
-    messages (best first, with where they come from), and the Decision names them."""
+    """With knowledge, each user message is shown with the passages it retrieves (the Decision
+    names where they come from), and the responder's request carries those of the last two user
+    messages."""
     from chimein.runtime.honesty import open_knowledge
     from tests.unit.knowledge.test_index import EVENT, HANDBOOK
 
@@ -105,12 +106,13 @@ def test_the_responder_gets_the_passages_of_the_groups_documents(bot, tmp_path):
     try:
         with FakeLLM("openai", script=["Buses leave at 7:15."]) as fake:
             bot.responder = OpenAIResponder("big-model", base_url=fake.base_url)
-            bot.add("Ana", "regatta on saturday!")
+            first = bot.add("Ana", "regatta on saturday!", reply=False)
             d = bot.add("Ben", "bot, what time is the bus?", force=True)
             sent = fake.requests[0]["messages"]
     finally:
         bot.knowledge = None
-    assert d.response == "Buses leave at 7:15." and d.passages[0] == "regatta.txt"
+    assert first.passages == ["regatta.txt"]  # "saturday" and "regatta": the handbook shares no word
+    assert d.response == "Buses leave at 7:15." and d.passages == []  # shown already: not repeated
+    assert bot.state.messages[0].passages[0].startswith("[regatta.txt] Summer regatta logistics")
     assert sent[0]["content"] == RESPONDER_PROMPT and sent[1]["role"] == "system"
     assert "[regatta.txt] Summer regatta logistics Buses leave the station car park at 7:15" in sent[1]["content"]
-    assert sent[1]["content"].index("[regatta.txt]") < sent[1]["content"].index("[handbook.md")  # best first
