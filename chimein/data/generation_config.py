@@ -41,6 +41,10 @@ class GenerationSettings(BaseModel):
     count: int = Field(300, gt=0, title="Number of conversations", description="Accepted conversations to "
                        "make (300: what the offline-cpu training config's steps are sized for).")
     seed: int = Field(0, title="Seed", description="The same seed makes the same conversations.")
+    grounded: float = Field(0.2, ge=0, le=0.5, title="Share of grounded chats", description="offline: this "
+                            "share of the conversations are grounded chats, about an invented organisation "
+                            "with passages of its documents, so the model learns to answer from them "
+                            "(chimein.data.grounded). 0: none.")
     model: str = Field("", title="Generator model", description="The model that writes the "
                        "conversations. Empty: the source's default (openai: "
                        f"{DEFAULT_MODELS['openai']}, replicate: {DEFAULT_MODELS['replicate']}).")
@@ -81,7 +85,7 @@ class GenerationConfig(GenerationSettings):
 
     def fingerprint(self) -> str:
         """What must match for a resumed run to continue the same sequence of requests."""
-        keys = ("source", "seed", "prompt", "topics", "names", "group_size", "turns", "temperature",
+        keys = ("source", "seed", "grounded", "prompt", "topics", "names", "group_size", "turns", "temperature",
                 "max_tokens")
         data = {k: getattr(self, k) for k in keys} | {"model": self.model_id,
                                                        "prompt_text": prompt_template(self.prompt)}

@@ -116,17 +116,29 @@ def replicate_source(cfg: GenerationConfig) -> Callable[[str, RequestSpec], Comp
 
 def offline_source(cfg: GenerationConfig) -> Callable[[str, RequestSpec], Completion]:
     from chimein.data.corpus import augment, load_corpus
+    from chimein.data.grounded import grounded_chat
 
     corpus = load_corpus()
-    # originals first (in a seeded order), then augmented variants of them
+    # originals first (in a seeded order), then augmented variants of them; a grounded chat in
+    # every slot that brings the share of them up to cfg.grounded
     order = random.Random(cfg.seed).sample(range(len(corpus)), len(corpus))
 
     def complete(prompt: str, spec: RequestSpec) -> Completion:
-        base = corpus[order[spec.index % len(corpus)]]
-        conv = base if spec.index < len(corpus) else augment(base, spec, cfg.names)
+        grounded_before = grounded_until(spec.index, cfg.grounded)
+        if grounded_until(spec.index + 1, cfg.grounded) > grounded_before:
+            conv = grounded_chat(spec.seed, cfg.names)
+        else:
+            k = spec.index - grounded_before
+            base = corpus[order[k % len(corpus)]]
+            conv = base if k < len(corpus) else augment(base, spec, cfg.names)
         return Completion(json.dumps(conv.to_json(), ensure_ascii=False))
 
     return complete
+
+
+def grounded_until(index: int, share: float) -> int:
+    """How many of the first `index` offline conversations are grounded chats."""
+    return int(index * share + 1e-9)
 
 
 SOURCES = {"openai": openai_source, "replicate": replicate_source, "offline": offline_source}

@@ -30,7 +30,7 @@ INDEX_DIR = ".chimein-index"
 SUFFIXES = (".md", ".markdown", ".txt")
 MAX_WORDS = 120  # a passage: a section's paragraphs up to about this many words (CJK: characters / 2)
 RRF_K = 60
-FORMAT = 1  # bump when the index's layout or passages change: older indexes are rebuilt
+FORMAT = 2  # bump when the index's layout or passages change: older indexes are rebuilt
 
 
 @dataclass(frozen=True)
@@ -146,9 +146,17 @@ STOPWORDS = frozenset("""a an and are as at be but by can do does for from has h
 of on or our so that the their there this to was we what when where which who why will with you your""".split())
 
 
+@functools.cache
+def _stemmer():
+    import Stemmer  # PyStemmer: the Snowball stemmers
+
+    return Stemmer.Stemmer("english")
+
+
 def tokens(text: str) -> list[str]:
-    """BM25's terms: lower-cased words less English stopwords, and Chinese character bigrams."""
-    out = [w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in STOPWORDS]
+    """BM25's terms: lower-cased words less English stopwords, stemmed ("matches" and "match" are
+    one term), and Chinese character bigrams."""
+    out = _stemmer().stemWords([w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in STOPWORDS])
     for run in re.findall(r"[\u3400-\u9fff]+", text):
         out += [run] if len(run) == 1 else [run[i:i + 2] for i in range(len(run) - 1)]
     return out

@@ -26,6 +26,7 @@ import math
 
 from chimein.conversation import Conversation, Message, parse_conversation
 from chimein.formatting import RESPONSE, SILENCE, chat_turns, marker_pattern, neutralize, render
+from chimein.knowledge import grounding
 from chimein.presets import ModelPreset
 from chimein.runtime import honesty, packed
 from chimein.runtime.state import (
@@ -70,7 +71,7 @@ class GroupChatAssistant:
         # withdraw: unaddressed and unsure, stay silent (False: chime in with the guess, said as one)
         self.tools, self.hedge, self.withdraw = tools, hedge, withdraw
         # the group's documents (a KnowledgeIndex, or a folder's path): each user message is shown
-        # with the passages it retrieves (honesty.with_passages)
+        # with the passages it retrieves (grounding.with_passages)
         self.knowledge = honesty.open_knowledge(knowledge)
         self.pattern = marker_pattern(tokenizer, preset)
         self.eot_id = tokenizer.convert_tokens_to_ids(preset.eot_token)
@@ -153,7 +154,7 @@ class GroupChatAssistant:
         or a failure on the way (even Ctrl-C) leaves the conversation as it was, less its cache."""
         msg = parse_conversation([{"role": "user", "name": name, "content": content}]).messages[0]
         with self._all_or_nothing():
-            msg, sources = honesty.with_passages(self.knowledge, self.state.messages, msg)
+            msg, sources = grounding.with_passages(self.knowledge, self.state.messages, msg)
             self.state.messages.append(msg)
             d, branches = self._decide(self._window())
             d.passages = sources
@@ -300,7 +301,7 @@ class GroupChatAssistant:
             from chimein.runtime.responder import ResponderError
 
             try:
-                text = self.responder.reply(self.state.messages, honesty.recent_passages(self.state.messages))
+                text = self.responder.reply(self.state.messages, grounding.recent_passages(self.state.messages))
             except ResponderError as e:  # the local model answers instead: no message is lost
                 d.responder_error = str(e)
             else:

@@ -17,7 +17,7 @@ and after the local model replied:
   decision says so: `Decision.hedged`, `Decision.confidence`, `Decision.tool`;
 
 and, with the group's documents (`knowledge=`), each user message is shown to the model with the
-passages it retrieves (`with_passages`): the decision and the local reply read them, and the
+passages it retrieves (chimein.knowledge.grounding): the decision and the local reply read them, and the
 responder gets them (`Decision.passages` says where they come from).
 
 A message addresses the assistant when it is forced (`reply()`, `add(force=True)`, chat's /force)
@@ -58,10 +58,6 @@ def answer_with_tool(d: Decision, messages: list[Message], pattern: re.Pattern) 
     return True
 
 
-KNOWLEDGE_PASSAGES = 2  # passages retrieved per user message
-RECENT_MESSAGES = 12  # a passage shown with one of the last this many messages is not shown again
-
-
 def open_knowledge(knowledge):
     """A KnowledgeIndex from a folder's path (indexed, or loaded when up to date); an index or None
     as given."""
@@ -70,32 +66,6 @@ def open_knowledge(knowledge):
     from chimein.knowledge.index import KnowledgeIndex
 
     return KnowledgeIndex.open(knowledge)[0]
-
-
-def with_passages(knowledge, messages: list[Message], msg: Message) -> tuple[Message, list[str]]:
-    """The new user message `msg` with the passages of the group's documents it retrieves
-    (`Message.passages`, which the model reads before it: chimein.formatting), and where they
-    come from. The query is the message with the user message before it (which often holds the
-    subject of a short follow-up); a passage counts only when it shares a word with the query
-    (besides stopwords), and one shown in the last RECENT_MESSAGES messages is not repeated.
-    Without knowledge, `msg` as it is."""
-    if knowledge is None:
-        return msg, []
-    from dataclasses import replace
-
-    shown = {p for m in messages[-RECENT_MESSAGES:] for p in m.passages}
-    users = [m.content for m in messages if m.role == "user"][-1:] + [msg.content]
-    hits = [h for h in knowledge.search(" ".join(users), k=KNOWLEDGE_PASSAGES + len(shown))
-            if h.lexical is not None and h.passage.render() not in shown][:KNOWLEDGE_PASSAGES]
-    if not hits:
-        return msg, []
-    return replace(msg, passages=tuple(h.passage.render() for h in hits)), [h.passage.where() for h in hits]
-
-
-def recent_passages(messages: list[Message]) -> list[str]:
-    """The passages shown with the last two user messages, best first: what a reply may use."""
-    users = [m for m in messages if m.role == "user"][-2:]
-    return list(dict.fromkeys(p for m in reversed(users) for p in m.passages))
 
 
 def hedged(guess: str, question: str) -> str:

@@ -15,6 +15,7 @@ import threading
 from typing import NamedTuple
 
 from chimein.conversation import Message, parse_conversation
+from chimein.knowledge import grounding
 from chimein.runtime import honesty
 from chimein.runtime.state import (
     CONFIDENCE_TOKENS,
@@ -57,7 +58,7 @@ def add_many(bot, requests: list[tuple[ConversationState, str, str, bool]],
         try:
             msg = parse_conversation([{"role": "user", "name": name, "content": content}]).messages[0]
             bot.use(state)
-            msg, sources[i] = honesty.with_passages(bot.knowledge, state.messages, msg)
+            msg, sources[i] = grounding.with_passages(bot.knowledge, state.messages, msg)
             state.messages.append(msg)
             ready.append((i, state, before, bot._window()))
         except Exception as e:  # noqa: BLE001

@@ -333,8 +333,8 @@ def test_offline_corpus_is_curated():
 def test_offline_generation_is_deterministic_and_augments_beyond_the_corpus(tmp_path):
     n = len(load_corpus()) + 40
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    sa = generate(load_generation_config(count=n), a)
-    generate(load_generation_config(count=n), b)
+    sa = generate(load_generation_config(count=n, grounded=0), a)
+    generate(load_generation_config(count=n, grounded=0), b)
     assert sa.accepted == n and a.read_text() == b.read_text()
     convs = load_conversations(a).conversations
     originals = {json.dumps(c.to_json()) for c in load_corpus()}
@@ -346,6 +346,21 @@ def test_offline_generation_is_deterministic_and_augments_beyond_the_corpus(tmp_
         assert c.n_speak == base.n_speak and c.n_user >= base.n_user
         assert not set(participants(c)) & set(participants(base))  # renamed
     assert any(len(participants(c)) > len(participants(by_key[group_key(c)])) for c in augmented)
+
+
+def test_offline_source_mixes_in_grounded_chats_at_their_share(tmp_path):
+    """grounded=0.2: every fifth conversation is a grounded chat (its messages carry passages),
+    the rest come from the corpus in the same order as without them; deterministic."""
+    a, b, plain = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "plain.jsonl"
+    generate(load_generation_config(count=20, grounded=0.2), a)
+    generate(load_generation_config(count=20, grounded=0.2), b)
+    generate(load_generation_config(count=16, grounded=0), plain)
+    assert a.read_text() == b.read_text()
+    convs = load_conversations(a).conversations
+    grounded = [i for i, c in enumerate(convs) if any(m.passages for m in c.messages)]
+    assert grounded == [4, 9, 14, 19]
+    rest = [c for i, c in enumerate(convs) if i not in grounded]
+    assert rest == list(load_conversations(plain).conversations)
 
 
 def test_generate_cli_offline(tmp_path):
