@@ -42,7 +42,7 @@ from chimein.train.config import TrainConfig, load_train_config, preflight
 from flows.generate import GenerateParams
 from flows.naming import typed_name_or
 from tasks.data import build_and_publish_dataset, generate_conversations
-from tasks.model import evaluate_adapter, promote_if_better, publish_adapter, train_adapter
+from tasks.model import evaluate_adapter, evaluate_grounded, promote_if_better, publish_adapter, train_adapter
 from tasks.preprocess import tokenize_dataset
 
 PromoteMetric = Literal[HEADLINE_METRICS]
@@ -80,6 +80,10 @@ class RetrainParams(BaseModel):
                              json_schema_extra=lambda s: s.pop("default", None))  # an empty date, not null
     benchmark: bool = Field(True, title="Score on the benchmark", description="Score the adapter on the "
                             "shipped benchmark (bench.* in MLflow); only that decides the champion.")
+    grounded: bool = Field(True, title="Score with documents", description="Score the adapter on the "
+                           "grounded benchmark too: chats about invented organisations with their documents "
+                           "as its knowledge (grounded.* in MLflow): answers from them, and 'the documents "
+                           "don't say' when they do not answer.")
     benchmark_limit: int = Field(0, ge=0, title="Benchmark chats", description="Score only the first N "
                                  "benchmark chats: a quick check that never moves the champion. 0: all.")
     heldout_limit: int = Field(0, ge=0, title="Held-out chats", description="Check on the first N "
@@ -161,6 +165,7 @@ def retrain(params: RetrainParams = RetrainParams(), parent_run_id: SkipJsonSche
     bench = evaluate_adapter(result, "benchmark", chattiness=params.fixed_chattiness,
                              limit=params.benchmark_limit or None) if params.benchmark else None
     heldout = evaluate_adapter(result, "heldout", dataset, params.fixed_chattiness, params.heldout_limit or None)
+    grounded = evaluate_grounded(result, params.fixed_chattiness) if params.grounded else None
     location = publish_adapter(result, params.publish)
     promotion = promote_if_better(result, params.promote_metric)
 
@@ -171,7 +176,8 @@ def retrain(params: RetrainParams = RetrainParams(), parent_run_id: SkipJsonSche
                "run_name": result.run_name, "preset": params.preset, "dataset": dataset,
                "adapter": location, "registered": result.registered, "champion": promotion,
                "train_loss": result.final_loss, "benchmark": numbers(bench),
-               "benchmark_fingerprint": bench and bench["fingerprint"], "heldout": numbers(heldout)}
+               "benchmark_fingerprint": bench and bench["fingerprint"], "heldout": numbers(heldout),
+               "grounded": numbers(grounded), "grounded_fingerprint": grounded and grounded["fingerprint"]}
     create_markdown_artifact(key="retrain-summary", description="what this run trained and decided",
                              markdown=summary_markdown(summary, params.promote_metric))
     for name, m in (("benchmark", bench), ("held-out", heldout)):
@@ -183,6 +189,12 @@ def retrain(params: RetrainParams = RetrainParams(), parent_run_id: SkipJsonSche
                      + (f"; replies at {m['factual_turns']} factual turns: right {m['answer_accuracy']:.3f}, "
                         f"hedged {m['hedge_rate']:.3f}, confidently wrong {m['confident_error_rate']:.3f}"
                         if m.get("factual_turns") else ""))
+    if grounded:
+        log.info(f"with documents ({grounded['fingerprint']}): right at {grounded['answered_accuracy']:.3f} of "
+                 f"{grounded['answered_turns']} questions they answer (confidently wrong "
+                 f"{grounded['answered_confident_error_rate']:.3f}); says they don't say at "
+                 f"{grounded['unanswered_not_sure_rate']:.3f} of {grounded['unanswered_turns']} they don't; "
+                 f"decisions: balanced accuracy {grounded['balanced_accuracy']:.3f}")
     log.info(f"{result.run_name}: adapter {location}; champion "
              f"{'moved' if promotion['moved'] else 'not moved'}: {promotion['reason']}")
     log.info(tracking.ui_hint(result.run_id))
@@ -205,6 +217,12 @@ def summary_markdown(summary: dict, metric: str) -> str:
                     ("held-out split (heldout.*)", summary["heldout"])):
         if m:
             lines.append(f"| {name} | " + " | ".join(cell(m.get(k, "-")) for k in keys) + " |")
+    if g := summary.get("grounded"):
+        lines += ["", f"**with documents** (grounded.*, {summary['grounded_fingerprint']}): right at "
+                  f"{g['answered_accuracy']:.3f} of the questions they answer (confidently wrong "
+                  f"{g['answered_confident_error_rate']:.3f}), \"the documents don't say\" at "
+                  f"{g['unanswered_not_sure_rate']:.3f} of those they don't; balanced accuracy "
+                  f"{g['balanced_accuracy']:.3f}"]
     loss = summary["train_loss"]
     lines += ["", "| | |", "|---|---|", f"| preset | {summary['preset']} |",
               f"| dataset | `{summary['dataset']}` |", f"| adapter | `{summary['adapter']}` |",

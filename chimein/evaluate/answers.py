@@ -53,7 +53,7 @@ class Answer:
 
     chat: str  # the chat's id, e.g. "en-01"
     turn: int  # index of the assistant message in the chat
-    kind: Literal["fact", "open"]
+    kind: Literal["fact", "open", "unanswered"]  # unanswered: the grounded benchmark's (evaluate.grounded)
     keys: tuple[str, ...] = ()
     wrong: tuple[str, ...] = ()
     note: str = ""
@@ -93,10 +93,11 @@ class AnnotationError(ValueError):
     """An answers file that does not fit its chats: the message names the file, line and fix."""
 
 
-def load_answers(path: Path, chats: dict[str, list]) -> list[Answer]:
+def load_answers(path: Path, chats: dict[str, list], kinds: tuple[str, ...] = ("fact", "open")) -> list[Answer]:
     """The annotations of `path`, checked against the chats they annotate (id → messages, each with
-    a `role`): every assistant turn annotated exactly once, facts with keys, no key given away by
-    the question it answers (the user messages since the previous assistant turn)."""
+    a `role`): every assistant turn annotated exactly once with one of `kinds`, facts with keys
+    (other kinds without), no key given away by the question it answers (the user messages since
+    the previous assistant turn)."""
     answers, seen = [], set()
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -112,8 +113,8 @@ def load_answers(path: Path, chats: dict[str, list]) -> list[Answer]:
         messages = chats.get(a.chat)
         if messages is None or not 0 <= a.turn < len(messages) or messages[a.turn].role != "assistant":
             raise AnnotationError(f"{where}: {a.chat} has no assistant message at turn {a.turn}")
-        if a.kind not in ("fact", "open") or (a.kind == "fact") != bool(a.keys):
-            raise AnnotationError(f"{where}: kind must be fact (with keys) or open (without)")
+        if a.kind not in kinds or (a.kind == "fact") != bool(a.keys):
+            raise AnnotationError(f"{where}: kind must be fact (with keys) or {' or '.join(kinds[1:])} (without)")
         if (a.chat, a.turn) in seen:
             raise AnnotationError(f"{where}: {a.chat} turn {a.turn} is annotated twice")
         question = []

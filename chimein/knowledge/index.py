@@ -52,6 +52,7 @@ class Hit:
     score: float  # the fused score
     lexical: int | None  # its rank in each ranking (1 = best), None when not retrieved there
     dense: int | None
+    similarity: float = 0.0  # cosine similarity of its MiniLM embedding to the query's
 
 
 @dataclass
@@ -244,11 +245,13 @@ class KnowledgeIndex:
         depth = min(depth, len(self.passages))
         lexical_scores = self.lexical.get_scores(tokens(query) or ["∅"])
         lexical = [int(i) for i in np.argsort(-lexical_scores, kind="stable")[:depth] if lexical_scores[i] > 0]
-        _, ids = self.dense.search(_embed([query]), depth)
+        sims, ids = self.dense.search(_embed([query]), depth)
         dense = [int(i) for i in ids[0] if i >= 0]
+        similarity = {int(i): float(s) for s, i in zip(sims[0], ids[0]) if i >= 0}
         ranks: dict[int, list[int | None]] = {}
         for which, ranking in enumerate((lexical, dense)):
             for rank, i in enumerate(ranking, 1):
                 ranks.setdefault(i, [None, None])[which] = rank
         fused = sorted(ranks.items(), key=lambda kv: -sum(1 / (RRF_K + r) for r in kv[1] if r))
-        return [Hit(self.passages[i], sum(1 / (RRF_K + r) for r in rs if r), rs[0], rs[1]) for i, rs in fused[:k]]
+        return [Hit(self.passages[i], sum(1 / (RRF_K + r) for r in rs if r), rs[0], rs[1], similarity.get(i, 0.0))
+                for i, rs in fused[:k]]
