@@ -12,11 +12,9 @@ import dataclasses
 import fcntl
 import hashlib
 import os
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from mlflow.entities import Metric, RunTag
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
@@ -171,16 +169,14 @@ def evaluate_grounded(result: TrainResult, chattiness: float | None = None) -> d
     """The adapter on the grounded benchmark (chimein.evaluate.grounded): chats about invented
     organisations with their documents as its knowledge; grounded.* on its training run, with the
     benchmark's fingerprint as the grounded.fingerprint tag. It does not decide promotion."""
-    from chimein.evaluate.grounded import GROUNDED, load_grounded, score_grounded
+    from chimein.evaluate.grounded import load_grounded, record_grounded, score_grounded
     from chimein.runtime.assistant import GroupChatAssistant
 
     bench = load_grounded()
     bot = GroupChatAssistant.from_adapter(str(result.adapter_dir), chattiness=chattiness)
     scored = score_grounded(bot, bench)
     metrics = scored["metrics"]
-    tracking.client().log_batch(result.run_id, metrics=[
-        Metric(f"{GROUNDED}.{k}", float(v), int(time.time() * 1000), 0) for k, v in metrics.items()],
-        tags=[RunTag(f"{GROUNDED}.fingerprint", bench.fingerprint)])
+    record_grounded(tracking.client(), result.run_id, scored)
     create_table_artifact(
         key="evaluation-grounded", description=f"grounded.*: {bench.fingerprint}, with each organisation's "
         "documents as knowledge", table=[{k.replace("_", " "): f"{v:.3f}" if isinstance(v, float) else v

@@ -27,6 +27,19 @@ from chimein.data.generation_config import DEFAULT_MODELS
 from chimein.evaluate.answers import ANSWER_METRICS
 
 
+def _grounded(where: str | None):
+    """--grounded: None, the shipped grounded benchmark, or one in a folder (exits on a bad one)."""
+    if where is None:
+        return None
+    from chimein.evaluate.answers import AnnotationError
+    from chimein.evaluate.grounded import GROUNDED_DIR, load_grounded
+
+    try:
+        return load_grounded(GROUNDED_DIR if where == "shipped" else Path(where))
+    except (FileNotFoundError, AnnotationError, ValueError) as e:
+        fail(f"--grounded {where}: {e}")
+
+
 @app.command("eval")
 def evaluate_cmd(
     data: Annotated[str, typer.Option(help="'benchmark' (the shipped hand-written chats), JSON Lines of conversations, or a dataset version (local:ds-…, hub:ORG/NAME@ds-…) whose held-out test split is used.")] = "benchmark",
@@ -42,6 +55,7 @@ def evaluate_cmd(
     hedge: Annotated[bool, typer.Option(help=HEDGE_HELP)] = True,
     withdraw: Annotated[bool, typer.Option(help=WITHDRAW_HELP)] = True,
     knowledge: Annotated[Optional[Path], typer.Option(help=KNOWLEDGE_HELP)] = None,
+    grounded: Annotated[Optional[str], typer.Option(help="Also score with documents: 'shipped' (the grounded benchmark: chats about invented organisations, their documents as knowledge) or a folder laid out like it (NAME.jsonl, NAME.answers.jsonl, NAME/ with the documents). Right answers from the documents, and 'the documents don't say' where they don't.", metavar="shipped|DIR")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N conversations.")] = None,
     replies: Annotated[bool, typer.Option(help="Generate replies where the system speaks (reply similarity); --no-replies scores decisions only, several times faster.")] = True,
     out: Annotated[Path, typer.Option(help="JSON report.")] = Path("outputs/eval/report.json"),
@@ -76,6 +90,7 @@ def evaluate_cmd(
     convs = convs[:limit] if limit else convs
     if not convs:
         fail(f"{data}: no valid conversation to evaluate")
+    grounded_bench = _grounded(grounded)  # a bad folder fails before any model loads
     systems = {}
     if adapter:
         with err.status("loading the adapter"), quiet():
@@ -106,6 +121,13 @@ def evaluate_cmd(
         results[name] = s.report | {"chattiness": s.chattiness, "chattiness_source": s.chattiness_source}
         if s.by_case is not None:
             results[name]["by_case"] = s.by_case
+    if grounded_bench is not None:
+        from chimein.evaluate.grounded import score_grounded
+
+        for name, system in systems.items():
+            if isinstance(system, GroupChatAssistant):
+                err.print(f"[bold]{name}[/] with documents ({grounded_bench.fingerprint})")
+                results[name]["grounded"] = score_grounded(system, grounded_bench, progress=True)
     decisions = results[next(iter(results))]["metrics"]["decisions"]
     full = {"data": data, "fingerprint": fingerprint, "conversations": len(convs),
             "decisions": decisions, "total_decisions": total, "rejected": rejected, "systems": results}
@@ -144,6 +166,15 @@ def evaluate_cmd(
                     "-" if (m := results[n]["by_case"][lang]).get("factual_turns") is None else f"{m[k]:.3f}"
                     for n in results for k in ("answer_accuracy", "hedge_rate", "confident_error_rate")))
             console.print(rates)
+    if grounded_bench is not None:
+        from chimein.evaluate.grounded import METRICS as GROUNDED_METRICS
+
+        with_docs = {n: r["grounded"]["metrics"] for n, r in results.items() if "grounded" in r}
+        table = Table("metric", *with_docs, title=f"with documents: {grounded_bench.fingerprint}, "
+                      f"{grounded_bench.summary()['conversations']} chats")
+        for k in (*GROUNDED_METRICS, "answered_turns", "unanswered_turns"):
+            table.add_row(k, *(str(m[k]) if isinstance(m[k], int) else f"{m[k]:.3f}" for m in with_docs.values()))
+        console.print(table)
     console.print(f"report: {out}")
     if not (track or log_to_run):
         return
@@ -162,6 +193,10 @@ def evaluate_cmd(
                         "model": system.preset.name if isinstance(system, GroupChatAssistant) else openai_model,
                         "chattiness": results[name]["chattiness"], "conversations": len(convs), "replies": replies})
             record(client, run_id, scored[name])
+            if "grounded" in results[name]:
+                from chimein.evaluate.grounded import record_grounded
+
+                record_grounded(client, run_id, results[name]["grounded"])
             client.log_artifact(run_id, str(out))
             client.set_terminated(run_id)
             console.print(f"MLflow run {run_id}: {name} ({prefix}.*)", highlight=False)

@@ -216,8 +216,23 @@ FRIEND_REPLY = ("I think it's in the handbook somewhere, let me look", "no idea 
 NOT_SAID = "The documents don't say {topic} — best ask the organisers."
 
 
-def document(domain: Domain, org: str, facts: list[Fact], values: dict[str, str]) -> str:
-    sections = [f"## {f.heading}\n\n{f.text.format(org=org, **values)}" for f in facts]
+FILLERS = ("Please keep this page handy.", "Questions about anything else go to the committee.",
+           "This page is updated at the start of each season.", "Thank you for helping things run smoothly.",
+           "Details may change; check the noticeboard.", "New members are always welcome.")
+
+
+def document(org: str, facts: list[Fact], values: dict[str, str], rng: random.Random) -> str:
+    """The organisation's page: its facts in sections of one to three (so a passage holds more than
+    the answer, and the reply must pick it out), now and then with a sentence that says nothing."""
+    sections, i = [], 0
+    while i < len(facts):
+        group = facts[i:i + rng.choice([1, 2, 2, 3])]
+        i += len(group)
+        text = " ".join(f.text.format(org=org, **values) for f in group)
+        if rng.random() < 0.3:
+            text += " " + rng.choice(FILLERS)
+        heading = group[0].heading if len(group) == 1 else f"{group[0].heading} and {group[1].heading.lower()}"
+        sections.append(f"## {heading}\n\n{text}")
     return f"# {org}\n\n" + "\n\n".join(sections) + "\n"
 
 
@@ -234,9 +249,9 @@ def grounded_chat(seed: int, names: list[str], index=None) -> Conversation:
     org, other_org = f"{values['place']} {domain.kind}", f"{other_values['place']} {other.kind}"
     facts = list(domain.facts)
     rng.shuffle(facts)
-    withheld = facts.pop()  # a fact the documents do not say
-    passages = chunk(domain.file, document(domain, org, facts, values)) + \
-        chunk(f"other/{other.file}", document(other, other_org, list(other.facts), other_values))
+    withheld = [facts.pop() for _ in range(rng.choice([1, 2]))]  # facts the documents do not say
+    passages = chunk(domain.file, document(org, facts, values, rng)) + \
+        chunk(f"other/{other.file}", document(other_org, list(other.facts), other_values, rng))
     knowledge = (index or KnowledgeIndex.build)(passages)
     people = rng.sample(names, 3)
 
@@ -268,11 +283,11 @@ def grounded_chat(seed: int, names: list[str], index=None) -> Conversation:
             reply(NOT_SAID.format(topic=fact.topic))
         if rng.random() < 0.7:
             say(rng.choice(people), rng.choice(SMALL_TALK))
-    if rng.random() < 0.6:  # a question the documents do not answer
-        q = rng.choice(withheld.questions)
-        addressed = rng.random() < 0.6
-        say(rng.choice(people), rng.choice(ADDRESS if addressed else OPEN_ASK).format(q=q))
-        if addressed:
-            reply(NOT_SAID.format(topic=withheld.topic))
+    for fact in withheld:  # questions the documents do not answer
+        if rng.random() < 0.75:
+            addressed = rng.random() < 0.7
+            say(rng.choice(people), rng.choice(ADDRESS if addressed else OPEN_ASK).format(q=rng.choice(fact.questions)))
+            if addressed:
+                reply(NOT_SAID.format(topic=fact.topic))
     say(rng.choice(people), rng.choice(SMALL_TALK))
     return Conversation(tuple(msgs))

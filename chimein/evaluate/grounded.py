@@ -81,10 +81,14 @@ def load_grounded(directory: str | Path = GROUNDED_DIR) -> GroundedBenchmark:
     for path in files:
         documents = directory / path.stem
         if not documents.is_dir():
-            raise FileNotFoundError(f"{path.name}: its documents belong in the folder {documents}")
+            raise FileNotFoundError(f"{path.name}: no folder {documents.name}/ beside it; put the "
+                                    "organisation's documents (Markdown or text) there")
         convs = load_conversations(path, strict=True).conversations
         ids = tuple(f"{path.stem}-{k:02d}" for k in range(1, len(convs) + 1))
-        answers = load_answers(path.with_name(path.stem + ".answers.jsonl"),
+        if not (annotations := path.with_name(path.stem + ".answers.jsonl")).is_file():
+            raise FileNotFoundError(f"{path.name}: no {annotations.name} beside it; annotate each assistant "
+                                    "turn (kind fact with keys, or unanswered)")
+        answers = load_answers(annotations,
                                {i: c.messages for i, c in zip(ids, convs)}, kinds=("fact", "unanswered"))
         sets.append(GroundedSet(path.stem, documents, tuple(convs), ids, tuple(answers)))
         blob.append([c.to_json() for c in convs])
@@ -93,6 +97,14 @@ def load_grounded(directory: str | Path = GROUNDED_DIR) -> GroundedBenchmark:
                      for f in sorted(documents.rglob("*")) if f.is_file() and ".chimein-index" not in f.parts})
     digest = hashlib.sha256(json.dumps(blob, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:12]
     return GroundedBenchmark(tuple(sets), "grounded-" + digest)
+
+
+def verdict(reply: str | None, answer: Answer) -> str:
+    """A fact: right, hedged or wrong (answers.judge). Unanswered: right when the reply says that
+    the documents do not say (or that it is not sure), else wrong: whatever it stated, they did not say it."""
+    if answer.kind == "fact":
+        return judge(reply, answer)
+    return "right" if HEDGES.search(normalize(reply or "")) else "wrong"
 
 
 def score_grounded(bot, bench: GroundedBenchmark, progress: bool = False) -> dict:
@@ -113,9 +125,7 @@ def score_grounded(bot, bench: GroundedBenchmark, progress: bool = False) -> dic
             preds += [r.speak for r in records]
             for r in records:
                 if (a := at.get((r.conversation, r.turn))) is not None:
-                    verdict = judge(r.forced_reply, a) if a.kind == "fact" else \
-                        ("right" if HEDGES.search(normalize(r.forced_reply or "")) else "wrong")
-                    rows.append({"chat": a.chat, "turn": a.turn, "kind": a.kind, "verdict": verdict,
+                    rows.append({"chat": a.chat, "turn": a.turn, "kind": a.kind, "verdict": verdict(r.forced_reply, a),
                                  "reply": r.forced_reply, "keys": list(a.keys),
                                  "passages": [p.split("]")[0].lstrip("[") for p in convs[r.conversation].messages[r.turn].passages]})
     finally:
@@ -134,3 +144,14 @@ def score_grounded(bot, bench: GroundedBenchmark, progress: bool = False) -> dic
                **{k: decisions[k] for k in ("balanced_accuracy", "missed_intervention_rate",
                                             "false_interruption_rate", "decisions")}}
     return {"fingerprint": bench.fingerprint, "metrics": metrics, "replies": rows}
+
+
+def record_grounded(client, run_id: str, scored: dict) -> None:
+    """score_grounded's metrics as grounded.* on an MLflow run, its fingerprint as grounded.fingerprint."""
+    import time
+
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(f"{GROUNDED}.{k}", float(v), now, 0) for k, v in scored["metrics"].items()],
+                     tags=[RunTag(f"{GROUNDED}.fingerprint", scored["fingerprint"])])
