@@ -36,6 +36,22 @@ def load_corpus() -> tuple[Conversation, ...]:
     return tuple(convs)
 
 
+def offline_version() -> str:
+    """A hash of everything the offline source's output depends on besides its settings: the corpus
+    files, and the code that augments them and writes the grounded chats. A change to any of them
+    is new data: a new generation file and dataset version, never a resumed or cached old one."""
+    import inspect
+
+    from chimein.data import grounded
+
+    h = hashlib.sha256()
+    for path in sorted(CORPUS_DIR.glob("*.jsonl")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    for source in (inspect.getsource(augment), inspect.getsource(grounded)):
+        h.update(source.encode())
+    return h.hexdigest()[:16]
+
+
 def participants(conv: Conversation) -> list[str]:
     return list(dict.fromkeys(m.name for m in conv.messages if m.role == "user"))
 

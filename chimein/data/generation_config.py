@@ -89,6 +89,10 @@ class GenerationConfig(GenerationSettings):
                 "max_tokens")
         data = {k: getattr(self, k) for k in keys} | {"model": self.model_id,
                                                        "prompt_text": prompt_template(self.prompt)}
+        if self.source == "offline":  # what it makes is the corpus and the code that augments and grounds
+            from chimein.data.corpus import offline_version
+
+            data["offline"] = offline_version()
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

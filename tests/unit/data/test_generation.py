@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -363,6 +364,29 @@ def test_offline_source_mixes_in_grounded_chats_at_their_share(tmp_path):
     assert rest == list(load_conversations(plain).conversations)
 
 
+def test_offline_data_changes_with_the_corpus_and_the_grounded_chats(tmp_path, monkeypatch):
+    """The offline source's fingerprint (its file name, what a resume must match, and the flow's
+    cache) covers the corpus and the code that writes the grounded chats: an edit to either is new
+    data. (A changed grounded-chat generator was resumed and cached as the old data.)"""
+    import shutil
+
+    from chimein.data import corpus, grounded
+
+    before = load_generation_config().fingerprint()
+    edited = tmp_path / "corpus"
+    shutil.copytree(corpus.CORPUS_DIR, edited)
+    part = edited / "part-0.jsonl"
+    part.write_text(part.read_text(encoding="utf-8").replace("lisbon", "porto", 1), encoding="utf-8")
+    monkeypatch.setattr(corpus, "CORPUS_DIR", edited)
+    after_corpus = load_generation_config().fingerprint()
+    monkeypatch.undo()
+    source = inspect.getsource(grounded)
+    monkeypatch.setattr(inspect, "getsource", lambda obj: source + "# edited" if obj is grounded else _getsource(obj))
+    after_code = load_generation_config().fingerprint()
+    assert len({before, after_corpus, after_code}) == 3
+    assert load_generation_config(source="openai").fingerprint() == load_generation_config(source="openai").fingerprint()
+
+
 def test_generate_cli_offline(tmp_path):
     r = CliRunner().invoke(app, ["generate", "--count", "12", "--out", str(tmp_path / "c.jsonl")])
     assert r.exit_code == 0, r.output
@@ -382,3 +406,6 @@ def test_augmentation_renames_mentions_in_text_without_spaces():
     out = augment(conv, RequestSpec(0, 1, "t", ("Kofi", "Mei", "Lars"), 3), ["Omar"])
     assert [m.name for m in out.messages] == ["Kofi", "Mei", "Lars"]
     assert [m.content for m in out.messages] == ["Mei你来不来？Lars在吗", "来！Kofi，Anaïs也来", "lars here"]
+
+
+_getsource = inspect.getsource
