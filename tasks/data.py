@@ -72,6 +72,16 @@ class FileContent(CachePolicy):
             return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+@dataclass(kw_only=True)
+class GenerationFingerprint(CachePolicy):
+    """The generation config's fingerprint: with the offline source it covers the corpus and the
+    code that augments it and writes the grounded chats, which the config's fields do not."""
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any],
+                    flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+        return inputs["config"].fingerprint()
+
+
 def dataset_exists(location: str) -> bool:
     """A local version counts when its files are those it was built with (a missing, truncated or
     changed file: the task runs again and rebuilds it). A Hub version outlives `make clean`, and
@@ -102,8 +112,10 @@ def retry_io(task, task_run, state) -> bool:
                                 FileNotFoundError, ValueError, DamagedDataset))
 
 
-# Cached on the config and this code: rerunning with the same parameters makes no API call.
-@task(cache_policy=WhileArtifactExists(policy=INPUTS + TASK_SOURCE, exists=lambda out: Path(out).is_file())
+# Cached on the config and this code (and the offline corpus and generator): rerunning with the
+# same parameters makes no API call.
+@task(cache_policy=WhileArtifactExists(policy=INPUTS + TASK_SOURCE + GenerationFingerprint(),
+                                       exists=lambda out: Path(out).is_file())
       .configure(**ONE_AT_A_TIME), result_storage=CACHE, persist_result=True, retries=2, retry_delay_seconds=[30, 120],
       retry_condition_fn=retry_io)
 def generate_conversations(config: GenerationConfig, out_dir: str, fresh: bool = False) -> str:
