@@ -42,7 +42,7 @@ from chimein.train.config import TrainConfig, load_train_config, preflight
 from flows.generate import GenerateParams
 from flows.naming import typed_name_or
 from tasks.data import build_and_publish_dataset, generate_conversations
-from tasks.model import evaluate_adapter, evaluate_grounded, promote_if_better, publish_adapter, train_adapter
+from tasks.model import evaluate_adapter, index_knowledge, evaluate_grounded, promote_if_better, publish_adapter, train_adapter
 from tasks.preprocess import tokenize_dataset
 
 PromoteMetric = Literal[HEADLINE_METRICS]
@@ -80,6 +80,11 @@ class RetrainParams(BaseModel):
                              json_schema_extra=lambda s: s.pop("default", None))  # an empty date, not null
     benchmark: bool = Field(True, title="Score on the benchmark", description="Score the adapter on the "
                             "shipped benchmark (bench.* in MLflow); only that decides the champion.")
+    knowledge: str = Field("", title="The group's documents", description="A folder of Markdown or text "
+                           "files on the worker that the assistant answers from. The run indexes it first "
+                           "(what it indexed is in the log; a folder with nothing to index stops the run) "
+                           "and names it in the adapter's chimein.json, so chat, serve and eval use it by "
+                           "default. Empty: none.")
     grounded: bool = Field(True, title="Score with documents", description="Score the adapter on the "
                            "grounded benchmark too: chats about invented organisations with their documents "
                            "as its knowledge (grounded.* in MLflow): answers from them, and 'the documents "
@@ -142,6 +147,8 @@ def retrain(params: RetrainParams = RetrainParams(), parent_run_id: SkipJsonSche
                                      output_dir=params.output_dir,
                                      **{"trainer.max_steps": params.max_steps or None, "trainer.processes": params.processes})
     preset = preflight(train_config, params.allow_cpu)
+    if params.knowledge:  # the group's documents: indexed now, so a bad folder stops the run before any work
+        train_config = train_config.model_copy(update={"knowledge": index_knowledge(params.knowledge)})
 
     # data: cached on inputs + code, so a rerun spends no API call; a nightly run seeds by date
     generation = params.generation.model_dump()

@@ -165,6 +165,22 @@ def evaluate_adapter(result: TrainResult, on: str = "benchmark", dataset: str | 
 
 
 @task
+def index_knowledge(folder: str) -> str:
+    """The group's documents indexed (or the saved index loaded, when up to date), what was indexed
+    and skipped in the log and as a table artifact; the folder's absolute path, for chimein.json."""
+    from chimein.knowledge.index import KnowledgeIndex
+
+    index, report = KnowledgeIndex.open(folder)  # KnowledgeError (a ValueError) names the problem
+    get_run_logger().info(f"the group's documents {folder}: {index.describe()}"
+                          + (f"; skipped {len(report.skipped)}: " + "; ".join(f"{f} ({why})" for f, why in report.skipped)
+                             if report.skipped else ""))
+    create_table_artifact(key="knowledge", description=f"the group's documents: {folder}",
+                          table=[{"passages": len(index.passages), "files": len({p.source for p in index.passages}),
+                                  "skipped": len(report.skipped)}])
+    return str(Path(folder).resolve())
+
+
+@task
 def evaluate_grounded(result: TrainResult, chattiness: float | None = None) -> dict:
     """The adapter on the grounded benchmark (chimein.evaluate.grounded): chats about invented
     organisations with their documents as its knowledge; grounded.* on its training run, with the

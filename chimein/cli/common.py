@@ -71,16 +71,24 @@ TOOLS_HELP = ("Answer conversions, clock times across zones, weekdays and arithm
               "result (pint, zoneinfo) instead of the model's guess.")
 HEDGE_HELP = ("Say a reply the model is not sure of (below the adapter's calibrated confidence) as a "
               "guess when addressed, and stay silent when not; --no-hedge says every reply as it is.")
-KNOWLEDGE_HELP = ("A folder of the group's documents (Markdown, text): indexed (`chimein knowledge build`), "
-                  "and the passages that fit each reply go to the responder.")
+KNOWLEDGE_HELP = ("A folder of the group's documents (Markdown, text): indexed (`chimein knowledge build`), and "
+                  "each message is shown with the passages it retrieves. Default: the folder the adapter was "
+                  "trained for, if it names one; 'none': no documents.")
 WITHDRAW_HELP = ("Not addressed and not sure: stay silent (default); --no-withdraw chimes in with the guess, "
                  "said as one (the model's decisions unchanged).")
+
+
+def knowledge_arg(value: Optional[str], default="adapter"):
+    """--knowledge: unset → `default` (from_adapter's: the adapter's own documents), 'none' → none."""
+    if value is None:
+        return default
+    return None if value.lower() == "none" else Path(value)
 
 
 def load_assistant(adapter: Optional[str], base: Optional[str], chattiness: Optional[float],
                    responder: Optional[str] = None, responder_base_url: Optional[str] = None,
                    tools: bool = True, hedge: bool = True, withdraw: bool = True,
-                   knowledge: Optional[Path] = None):
+                   knowledge: Optional[str] = None):
     import time
 
     from chimein.models.loading import quiet
@@ -95,11 +103,11 @@ def load_assistant(adapter: Optional[str], base: Optional[str], chattiness: Opti
         with err.status("loading the model"), quiet():
             if adapter:
                 bot = GroupChatAssistant.from_adapter(adapter, chattiness=chattiness, tools=tools, hedge=hedge,
-                                                      withdraw=withdraw, knowledge=knowledge)
+                                                      withdraw=withdraw, knowledge=knowledge_arg(knowledge))
             else:
                 bot = GroupChatAssistant.from_preset(base, chattiness=DEFAULT_CHATTINESS if chattiness is None else chattiness,
                                                      system_prompt=BASELINE_PROMPT, tools=tools, hedge=hedge,
-                                                     withdraw=withdraw, knowledge=knowledge)
+                                                     withdraw=withdraw, knowledge=knowledge_arg(knowledge, None))
     except FileNotFoundError as e:  # no such adapter or preset asset, or no MLflow store for models:/…
         fail(str(e))
     except ValueError as e:  # KnowledgeError: a knowledge folder that cannot be indexed

@@ -21,6 +21,7 @@ from chimein.cli.common import (
     console,
     err,
     fail,
+    knowledge_arg,
     responder_or_fail,
 )
 from chimein.data.generation_config import DEFAULT_MODELS
@@ -54,7 +55,7 @@ def evaluate_cmd(
     tools: Annotated[bool, typer.Option(help=TOOLS_HELP)] = True,
     hedge: Annotated[bool, typer.Option(help=HEDGE_HELP)] = True,
     withdraw: Annotated[bool, typer.Option(help=WITHDRAW_HELP)] = True,
-    knowledge: Annotated[Optional[Path], typer.Option(help=KNOWLEDGE_HELP)] = None,
+    knowledge: Annotated[Optional[str], typer.Option(help=KNOWLEDGE_HELP, metavar="PATH|none")] = None,
     grounded: Annotated[Optional[str], typer.Option(help="Also score with documents: 'shipped' (the grounded benchmark: chats about invented organisations, their documents as knowledge) or a folder laid out like it (NAME.jsonl, NAME.answers.jsonl, NAME/ with the documents). Right answers from the documents, and 'the documents don't say' where they don't.", metavar="shipped|DIR")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N conversations.")] = None,
     replies: Annotated[bool, typer.Option(help="Generate replies where the system speaks (reply similarity); --no-replies scores decisions only, several times faster.")] = True,
@@ -97,7 +98,7 @@ def evaluate_cmd(
             try:
                 systems["fine-tuned"] = GroupChatAssistant.from_adapter(adapter, chattiness=chattiness, tools=tools,
                                                                               hedge=hedge, withdraw=withdraw,
-                                                                              knowledge=knowledge)
+                                                                              knowledge=knowledge_arg(knowledge))
             except (FileNotFoundError, ValueError) as e:  # no such adapter, no MLflow store for models:/…,
                 fail(str(e))                                # or a knowledge folder that cannot be indexed
         systems["fine-tuned"].responder = responder_or_fail(responder, responder_base_url)
@@ -108,7 +109,7 @@ def evaluate_cmd(
         with err.status("loading the base model"), quiet():
             systems["base"] = GroupChatAssistant.from_preset(
                 preset, chattiness=DEFAULT_CHATTINESS if chattiness is None else chattiness, system_prompt=BASELINE_PROMPT,
-                tools=tools, hedge=hedge, withdraw=withdraw, knowledge=knowledge)
+                tools=tools, hedge=hedge, withdraw=withdraw, knowledge=knowledge_arg(knowledge, None))
     if "openai" in baseline:
         try:
             systems["openai"] = OpenAIBaseline(openai_model, openai_base_url)

@@ -93,7 +93,7 @@ def chat(
     tools: Annotated[bool, typer.Option(help=TOOLS_HELP)] = True,
     hedge: Annotated[bool, typer.Option(help=HEDGE_HELP)] = True,
     withdraw: Annotated[bool, typer.Option(help=WITHDRAW_HELP)] = True,
-    knowledge: Annotated[Optional[Path], typer.Option(help=KNOWLEDGE_HELP)] = None,
+    knowledge: Annotated[Optional[str], typer.Option(help=KNOWLEDGE_HELP, metavar="PATH|none")] = None,
 ) -> None:
     """An interactive group chat in the terminal. Type `Name: message`; /as NAME switches the
     speaker, /force makes the assistant answer the last message, /reset, /quit."""
@@ -166,7 +166,7 @@ def serve(
     tools: Annotated[bool, typer.Option(help=TOOLS_HELP)] = True,
     hedge: Annotated[bool, typer.Option(help=HEDGE_HELP)] = True,
     withdraw: Annotated[bool, typer.Option(help=WITHDRAW_HELP)] = True,
-    knowledge: Annotated[Optional[Path], typer.Option(help=KNOWLEDGE_HELP)] = None,
+    knowledge: Annotated[Optional[str], typer.Option(help=KNOWLEDGE_HELP, metavar="PATH|none")] = None,
 ) -> None:
     """Serve the assistant over HTTP (conversation API and an OpenAI-style endpoint)."""
     import uvicorn

@@ -10,8 +10,10 @@ of the chat's documents), so the model sees what it will see:
 - a question the documents answer, addressed to the assistant or asked of nobody in particular →
   the reply copies the fact from the passage;
 - the same question put to a named friend → silence, whatever the passages say;
-- an addressed question the documents do not answer → "The documents don't say …";
-  unaddressed → silence;
+- an addressed question the documents do not answer → "The documents don't say …".
+  A question asked of nobody that they do not answer is left out: in the ordinary chats the
+  assistant fills in such a fact from what it knows, and silence here taught it to miss those
+  (the shipped benchmark's missed interventions rose from 0.115 to 0.17-0.21);
 - small talk, with whatever passages it happens to retrieve → silence.
 
 A fact whose passage was not retrieved is treated as one the documents do not answer: the reply
@@ -249,13 +251,16 @@ def grounded_chat(seed: int, names: list[str], index=None) -> Conversation:
     org, other_org = f"{values['place']} {domain.kind}", f"{other_values['place']} {other.kind}"
     facts = list(domain.facts)
     rng.shuffle(facts)
-    withheld = [facts.pop() for _ in range(rng.choice([1, 2]))]  # facts the documents do not say
+    withheld = [facts.pop() for _ in range(rng.choice([1, 1, 2]))]  # facts the documents do not say
     passages = chunk(domain.file, document(org, facts, values, rng)) + \
         chunk(f"other/{other.file}", document(other_org, list(other.facts), other_values, rng))
     knowledge = (index or KnowledgeIndex.build)(passages)
     people = rng.sample(names, 3)
 
     msgs: list[Message] = []
+
+    def retrieved(who: str, text: str) -> list[str]:  # what saying it would show, without saying it
+        return recent_passages(msgs + [with_passages(knowledge, msgs, Message("user", text, who))[0]])
 
     def say(who: str, text: str) -> list[str]:
         msg, _ = with_passages(knowledge, msgs, Message("user", text, who))
@@ -275,19 +280,19 @@ def grounded_chat(seed: int, names: list[str], index=None) -> Conversation:
             say(asker, rng.choice(FRIEND_ASK).format(f=friend, q=q))
             say(friend, rng.choice(FRIEND_REPLY))
             continue
+        text = fact.text.format(org=org, **values)
+        if style == "open" and not any(text in p for p in retrieved(asker, rng.choice(OPEN_ASK).format(q=q))):
+            style = "address"  # asked of nobody and not retrieved: left out (see the module's docstring)
         shown = say(asker, rng.choice(ADDRESS if style == "address" else OPEN_ASK).format(q=q))
-        answer = fact.answer.format(org=org, **values)
-        if any(fact.text.format(org=org, **values) in p for p in shown):
-            reply(answer)
+        if any(text in p for p in shown):
+            reply(fact.answer.format(org=org, **values))
         elif style == "address":  # not retrieved: the assistant was not shown it, so it cannot say
             reply(NOT_SAID.format(topic=fact.topic))
         if rng.random() < 0.7:
             say(rng.choice(people), rng.choice(SMALL_TALK))
-    for fact in withheld:  # questions the documents do not answer
-        if rng.random() < 0.75:
-            addressed = rng.random() < 0.7
-            say(rng.choice(people), rng.choice(ADDRESS if addressed else OPEN_ASK).format(q=rng.choice(fact.questions)))
-            if addressed:
-                reply(NOT_SAID.format(topic=fact.topic))
+    for fact in withheld:  # addressed questions the documents do not answer
+        if rng.random() < 0.5:
+            say(rng.choice(people), rng.choice(ADDRESS).format(q=rng.choice(fact.questions)))
+            reply(NOT_SAID.format(topic=fact.topic))
     say(rng.choice(people), rng.choice(SMALL_TALK))
     return Conversation(tuple(msgs))

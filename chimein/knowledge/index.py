@@ -180,6 +180,11 @@ def _embed(texts: list[str]):
 
 
 class KnowledgeIndex:
+    def describe(self) -> str:
+        """'12 passages from 3 files'."""
+        files = len({p.source for p in self.passages})
+        return f"{len(self.passages)} passages from {files} file{'s' * (files != 1)}"
+
     def __init__(self, passages: list[Passage], lexical, dense):
         self.passages, self.lexical, self.dense = passages, lexical, dense
 

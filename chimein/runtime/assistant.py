@@ -49,6 +49,9 @@ BASELINE_PROMPT = (
 )
 
 
+ADAPTER_KNOWLEDGE = "adapter"  # from_adapter's default: the documents named in the adapter's chimein.json
+
+
 class GroupChatAssistant:
     def __init__(self, model, tokenizer, preset: ModelPreset, chattiness: float | Chattiness = Chattiness(),
                  max_new_tokens: int = 96, max_context_tokens: int | None = None,
@@ -92,10 +95,12 @@ class GroupChatAssistant:
 
     @classmethod
     def from_adapter(cls, ref: str, quantize: bool | None = None, chattiness: float | None = None,
-                     confidence: float | None = None, **kwargs) -> GroupChatAssistant:
+                     confidence: float | None = None, knowledge=ADAPTER_KNOWLEDGE, **kwargs) -> GroupChatAssistant:
         """From a trained adapter: a directory, local:NAME, hub:ORG/NAME or an MLflow model URI
         (models:/NAME@ALIAS, runs:/…). By default the base is loaded as it was trained (4-bit or
-        not) and the adapter's calibrated chattiness and confidence thresholds are used."""
+        not), the adapter's calibrated chattiness and confidence thresholds are used, and the
+        group's documents it was trained for (`knowledge` in its chimein.json, when that folder is
+        here); knowledge=None: none, a folder or a KnowledgeIndex: that one."""
         from chimein.models import adapters
         from chimein.models import loading as models
 
@@ -107,7 +112,9 @@ class GroupChatAssistant:
             quantize = meta.get("hyperparameters", {}).get("quantization", "nf4") != "none"
         model, tokenizer = models.load_adapter(ref, quantize=quantize)
         preset = ModelPreset.from_stored(meta["preset"])
-        bot = cls(model, tokenizer, preset,
+        if knowledge is ADAPTER_KNOWLEDGE:
+            knowledge = honesty.adapter_knowledge(meta.get("knowledge"))
+        bot = cls(model, tokenizer, preset, knowledge=knowledge,
                   chattiness=Chattiness.stored(meta.get("chattiness")) if chattiness is None else chattiness,
                   confidence=Confidence.stored(meta.get("confidence")) if confidence is None else confidence,
                   **kwargs)
@@ -273,7 +280,8 @@ class GroupChatAssistant:
         model = f"{self.preset.name} + {self.adapter_ref}" if self.adapter_ref else f"{self.preset.name} (base)"
         weights = "4-bit " if getattr(self.model, "is_loaded_in_4bit", False) else ""
         honest = (f"hedges below {self.confidence.threshold:.3f} ({self.confidence.source})" if self.hedge
-                  else "no hedging") + (" · tools" if self.tools else " · no tools")
+                  else "no hedging") + (" · tools" if self.tools else " · no tools") + \
+            (f" · documents: {self.knowledge.describe()}" if self.knowledge is not None else "")
         return (f"{model} · chattiness {self.chattiness:.3f} ({self.threshold.source}) · {honest} · "
                 f"{self.model.device.type} {weights}{str(self.model.dtype).removeprefix('torch.')}")
 

@@ -68,6 +68,21 @@ def open_knowledge(knowledge):
     return KnowledgeIndex.open(knowledge)[0]
 
 
+def adapter_knowledge(folder: str | None):
+    """The documents an adapter was trained for (its chimein.json's `knowledge`), when that folder
+    is on this machine; otherwise none, said in the log."""
+    if not folder:
+        return None
+    if not Path(folder).is_dir():
+        import logging
+
+        logging.getLogger("chimein").warning(
+            f"the adapter names the group's documents {folder}, which is not a folder here: no "
+            "documents (pass knowledge= / --knowledge PATH)")
+        return None
+    return folder
+
+
 def hedged(guess: str, question: str) -> str:
     """The guess, said as one, in the language of the question."""
     return HEDGE["zh" if CJK.search(question) else "en"].format(guess=guess)

@@ -101,6 +101,9 @@ class TrainConfig(BaseModel):
     experiment: str = Field(tracking.DEFAULT_EXPERIMENT, description="MLflow experiment (one per "
                             "pipeline); a child run (a comparison's) goes to its parent's.")
     output_dir: str = Field("outputs/train", description="Checkpoints go to OUTPUT_DIR/RUN_NAME/.")
+    knowledge: str | None = Field(None, description="The group's documents the adapter is meant to answer "
+                                  "from (a folder): recorded in its chimein.json, which from_adapter, chat, "
+                                  "serve and eval then use unless told otherwise.")
     lora: LoraSettings = LoraSettings()
     quantization: QuantSettings = QuantSettings()
     trainer: TrainerSettings = TrainerSettings()

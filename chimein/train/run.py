@@ -298,7 +298,7 @@ def register_and_log(client, run_id: str, cfg: TrainConfig, trainer, tokenizer, 
         {"name": plan.name, "preset": preset.model_dump(), "dataset_version": data.version,
          "mlflow_run_id": run_id, "registered": registered, "hyperparameters": hyper,
          "adapter_dtype": str(trainer.adapter_dtype).removeprefix("torch."), "chattiness": chattiness,
-         "confidence": confidence,
+         "confidence": confidence, "knowledge": cfg.knowledge,
          "metrics": {"train_loss": train_loss, "labelled_tokens": data.labelled_tokens}},
         indent=2))
     mlflow.log_artifact(str(done), "adapter")

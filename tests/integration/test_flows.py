@@ -53,10 +53,17 @@ def test_retrain_flow_end_to_end_and_cached(tmp_path):
     from chimein.evaluate.benchmark import load_benchmark
     from chimein.evaluate.metrics import REPLY_METRICS
 
+    from chimein.evaluate.grounded import load_grounded
+    from tests.unit.knowledge.test_index import HANDBOOK
+
     env = flow_env(tmp_path)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "handbook.md").write_text(HANDBOOK, encoding="utf-8")
     with FakeLLM("openai") as fake:
         params = {"preset": "tiny-chatml", "train_config": None, "max_steps": 2, "heldout_limit": 1,
-                  "generation": {"source": "openai", "count": 10, "base_url": fake.base_url}}
+                  "generation": {"source": "openai", "count": 10, "base_url": fake.base_url},
+                  "knowledge": str(docs)}
         first = run_retrain(params, tmp_path, env)
         calls = len(fake.requests)
         second = run_retrain(params, tmp_path, env)
@@ -92,6 +99,25 @@ def test_retrain_flow_end_to_end_and_cached(tmp_path):
     assert "adapter/adapter_model.safetensors" in {a.path for a in client.list_artifacts(first["run_id"], "adapter")}
     assert str(client.get_model_version_by_alias("chimein-tiny-chatml", "champion").version) == "1"
     assert first["dataset"].startswith("local:ds-") and first["adapter"].startswith("local:tiny-chatml--")
+    # the group's documents: indexed by the run and named in the adapter's chimein.json
+    meta = json.loads(Path(client.download_artifacts(first["run_id"], "adapter/chimein.json", str(tmp_path))).read_text())
+    assert meta["knowledge"] == str(docs.resolve()) and (docs / ".chimein-index" / "manifest.json").is_file()
+    # and the grounded benchmark, scored with its own documents
+    assert run.data.tags["grounded.fingerprint"] == load_grounded().fingerprint == first["grounded_fingerprint"]
+    assert run.data.metrics["grounded.answered_turns"] == 31 and 0 <= run.data.metrics["grounded.answered_accuracy"] <= 1
+
+
+def test_a_knowledge_folder_with_nothing_to_index_stops_the_run_before_any_work(tmp_path):
+    env = flow_env(tmp_path)
+    (tmp_path / "empty").mkdir()
+    params = {"preset": "tiny-chatml", "train_config": None, "max_steps": 1, "knowledge": str(tmp_path / "empty"),
+              "generation": {"source": "offline", "count": 4}}
+    proc = subprocess.run([sys.executable, "-c", RUN_RETRAIN, json.dumps(params)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "no passage to index: add Markdown (.md) or text (.txt) files" in proc.stdout + proc.stderr, \
+        (proc.stdout + proc.stderr)[-3000:]
+    assert not list(tmp_path.rglob("conversations-*"))  # stopped before generating anything
 
 
 def test_nightly_runs_retrain_on_new_data_and_never_pay_twice(tmp_path):

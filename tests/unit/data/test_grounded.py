@@ -37,11 +37,11 @@ def test_every_reply_is_in_the_passages_shown_or_says_the_documents_do_not(chats
 
 
 def test_the_mix_of_decisions(chats):
-    """Speak about a quarter of the time; questions to a named friend and unaddressed questions
-    the documents do not answer get silence; an addressed one they do not answer gets "don't say"."""
+    """Speak at a quarter to two fifths of the messages; questions to a named friend get silence;
+    a question the documents do not answer is addressed, and gets "don't say"."""
     users = sum(c.n_user for c in chats)
     speaks = sum(c.n_speak for c in chats)
-    assert 0.15 <= speaks / users <= 0.35
+    assert 0.2 <= speaks / users <= 0.42
     not_said = [m for c in chats for m in c.messages if m.role == "assistant" and m.content.startswith(NOT_SAID_START)]
     assert len(not_said) >= 8
     for c in chats:

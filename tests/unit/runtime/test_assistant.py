@@ -429,3 +429,28 @@ def test_batched_decisions_equal_one_by_one(name, monkeypatch):
     assert passes == [5, 4, 5]  # one pass per round; the refused message never reached the model
     with pytest.raises(ValueError, match="only once"):
         bot.add_many([(many[0], "A", "x", False), (many[0], "B", "y", False)])
+
+
+def test_an_adapter_brings_the_documents_it_was_trained_for(tiny_adapter, tmp_path, caplog):
+    """chimein.json's `knowledge` (the retrain flow's "The group's documents") is used by default;
+    knowledge=None turns it off; a folder that is not on this machine is said, not a crash."""
+    import shutil
+
+    from tests.unit.knowledge.test_index import HANDBOOK
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "handbook.md").write_text(HANDBOOK, encoding="utf-8")
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, adapter)
+    meta = json.loads((adapter / "chimein.json").read_text()) | {"knowledge": str(docs)}
+    (adapter / "chimein.json").write_text(json.dumps(meta))
+    bot = GroupChatAssistant.from_adapter(str(adapter))
+    assert bot.knowledge is not None and "documents: " in bot.describe()
+    d = bot.add("Ana", "how much are the annual dues?", reply=False)
+    assert d.passages and d.passages[0].startswith("handbook.md")
+    assert GroupChatAssistant.from_adapter(str(adapter), knowledge=None).knowledge is None
+    shutil.rmtree(docs)
+    with caplog.at_level("WARNING", logger="chimein"):
+        assert GroupChatAssistant.from_adapter(str(adapter)).knowledge is None
+    assert f"names the group's documents {docs}, which is not a folder here" in caplog.text
