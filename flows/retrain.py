@@ -42,7 +42,14 @@ from chimein.train.config import TrainConfig, load_train_config, preflight
 from flows.generate import GenerateParams
 from flows.naming import typed_name_or
 from tasks.data import build_and_publish_dataset, generate_conversations
-from tasks.model import evaluate_adapter, index_knowledge, evaluate_grounded, promote_if_better, publish_adapter, train_adapter
+from tasks.model import (
+    evaluate_adapter,
+    evaluate_grounded,
+    index_knowledge,
+    promote_if_better,
+    publish_adapter,
+    train_adapter,
+)
 from tasks.preprocess import tokenize_dataset
 
 PromoteMetric = Literal[HEADLINE_METRICS]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -195,6 +196,7 @@ class KnowledgeIndex:
 
         if not passages:
             raise KnowledgeError("no passage to index: add Markdown (.md) or text (.txt) files to the folder")
+        logging.getLogger("bm25s").setLevel(logging.WARNING)  # a DEBUG line per build, in every flow log
         lexical = bm25s.BM25()
         lexical.index([tokens(p.heading + " " + p.text) or ["∅"] for p in passages], show_progress=False)
         vectors = _embed([f"{p.heading}: {p.text}" if p.heading else p.text for p in passages])

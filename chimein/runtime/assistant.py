@@ -49,9 +49,6 @@ BASELINE_PROMPT = (
 )
 
 
-ADAPTER_KNOWLEDGE = "adapter"  # from_adapter's default: the documents named in the adapter's chimein.json
-
-
 class GroupChatAssistant:
     def __init__(self, model, tokenizer, preset: ModelPreset, chattiness: float | Chattiness = Chattiness(),
                  max_new_tokens: int = 96, max_context_tokens: int | None = None,
@@ -95,7 +92,7 @@ class GroupChatAssistant:
 
     @classmethod
     def from_adapter(cls, ref: str, quantize: bool | None = None, chattiness: float | None = None,
-                     confidence: float | None = None, knowledge=ADAPTER_KNOWLEDGE, **kwargs) -> GroupChatAssistant:
+                     confidence: float | None = None, knowledge="adapter", **kwargs) -> GroupChatAssistant:
         """From a trained adapter: a directory, local:NAME, hub:ORG/NAME or an MLflow model URI
         (models:/NAME@ALIAS, runs:/…). By default the base is loaded as it was trained (4-bit or
         not), the adapter's calibrated chattiness and confidence thresholds are used, and the
@@ -112,7 +109,7 @@ class GroupChatAssistant:
             quantize = meta.get("hyperparameters", {}).get("quantization", "nf4") != "none"
         model, tokenizer = models.load_adapter(ref, quantize=quantize)
         preset = ModelPreset.from_stored(meta["preset"])
-        if knowledge is ADAPTER_KNOWLEDGE:
+        if isinstance(knowledge, str) and knowledge == "adapter":  # the documents its chimein.json names
             knowledge = honesty.adapter_knowledge(meta.get("knowledge"))
         bot = cls(model, tokenizer, preset, knowledge=knowledge,
                   chattiness=Chattiness.stored(meta.get("chattiness")) if chattiness is None else chattiness,

@@ -51,9 +51,8 @@ def flow_env(tmp_path) -> dict:
 
 def test_retrain_flow_end_to_end_and_cached(tmp_path):
     from chimein.evaluate.benchmark import load_benchmark
-    from chimein.evaluate.metrics import REPLY_METRICS
-
     from chimein.evaluate.grounded import load_grounded
+    from chimein.evaluate.metrics import REPLY_METRICS
     from tests.unit.knowledge.test_index import HANDBOOK
 
     env = flow_env(tmp_path)

@@ -11,7 +11,7 @@ import pytest
 
 from chimein.data import grounded as training
 from chimein.data.corpus import load_corpus
-from chimein.evaluate.answers import Answer, AnnotationError, contains, normalize
+from chimein.evaluate.answers import AnnotationError, Answer, contains, normalize
 from chimein.evaluate.grounded import GROUNDED_DIR, load_grounded, score_grounded, verdict
 from chimein.runtime.assistant import GroupChatAssistant
 
