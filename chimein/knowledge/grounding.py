@@ -10,7 +10,7 @@ from dataclasses import replace
 from chimein.conversation import Conversation, Message
 
 KNOWLEDGE_PASSAGES = 2  # passages retrieved per user message
-# a passage shown with one of the last RECENT user messages is not shown again: it is still close
+# a passage is shown at most once in any RECENT user messages in a row: it is still close
 # by (on the grounded benchmark the answering passage is then among the last 3 messages' at 26 of
 # 31 questions; 20 when it was never repeated within 12 messages, as it ends up far from the question)
 RECENT = 3
