@@ -145,6 +145,18 @@ HOSTILE_TEXTS = [
 ]
 
 
+def assert_same_turns(h, b, hostile, preset, tokenizer):
+    """The hostile encoding `h` opens and closes exactly the turns of the benign one `b`."""
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    # the special tokens in the ids are exactly the template's own, in the same order
+    assert [t for t in h.input_ids if t in special] == [t for t in b.input_ids if t in special]
+    # and so are the family's text markers that open turns
+    for marker in FAMILIES[preset.family].markers:
+        assert h.text.count(marker) == b.text.count(marker), marker
+    assert h.n_turns == b.n_turns == len(HOSTILE_TEXTS)
+    assert_masks_exact(h, hostile, preset, tokenizer)
+
+
 def _conversation(names, texts, reply="Sure, it is 42."):
     msgs = []
     for i, (n, t) in enumerate(zip(names, texts)):
@@ -158,15 +170,8 @@ def test_hostile_names_and_texts_cannot_open_or_close_turns(family):
     preset, tokenizer = family
     hostile = _conversation(HOSTILE_NAMES, HOSTILE_TEXTS)
     benign = _conversation([f"U{i}" for i in range(len(HOSTILE_NAMES))], ["x"] * len(HOSTILE_TEXTS))
-    h, b = encode(hostile, tokenizer, preset), encode(benign, tokenizer, preset)
-    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
-    # the special tokens in the ids are exactly the template's own, in the same order
-    assert [t for t in h.input_ids if t in special] == [t for t in b.input_ids if t in special]
-    # and so are the family's text markers that open turns
-    for marker in FAMILIES[preset.family].markers:
-        assert h.text.count(marker) == b.text.count(marker), marker
-    assert h.n_turns == b.n_turns == len(HOSTILE_TEXTS)
-    assert_masks_exact(h, hostile, preset, tokenizer)
+    h = encode(hostile, tokenizer, preset)
+    assert_same_turns(h, encode(benign, tokenizer, preset), hostile, preset, tokenizer)
     # nothing the users wrote is lost: their text is all there once the breaks are removed
     visible = h.text.replace(ZWSP, "")
     for t in HOSTILE_TEXTS:
@@ -195,14 +200,9 @@ def test_passages_are_read_before_the_message_and_cannot_inject_turns(family):
     for t in turns[::2]:  # exactly one fence pair per user turn: the real one
         assert t["content"].count(DOCUMENTS) == 1 and t["content"].count(END_DOCUMENTS) == 1
         assert t["content"].index("[club.md › Fees] Dues are 40 euros.") < t["content"].index(END_DOCUMENTS)
-    h, b = encode(hostile, tokenizer, preset, max_length=8192), encode(benign, tokenizer, preset)
+    h = encode(hostile, tokenizer, preset, max_length=8192)
     assert not h.truncated
-    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
-    assert [t for t in h.input_ids if t in special] == [t for t in b.input_ids if t in special]
-    for marker in FAMILIES[preset.family].markers:
-        assert h.text.count(marker) == b.text.count(marker), marker
-    assert h.n_turns == b.n_turns == len(HOSTILE_TEXTS)
-    assert_masks_exact(h, hostile, preset, tokenizer)
+    assert_same_turns(h, encode(benign, tokenizer, preset), hostile, preset, tokenizer)
     visible = h.text.replace(ZWSP, "")
     for d in hostile_docs:  # the document's words all reach the model, as text
         assert d in visible
