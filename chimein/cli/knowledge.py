@@ -60,7 +60,9 @@ def search(
     query: Annotated[str, typer.Argument(help="A question, as someone in the chat would ask it.")],
     k: Annotated[int, typer.Option(min=1, help="How many passages.")] = 3,
 ) -> None:
-    """The passages a question retrieves, best first, with their rank in each ranking."""
+    """The passages a question retrieves, best first, with their rank in each ranking (and the
+    cosine similarity of the dense one). A passage without a lexical rank shares no word with the
+    question: it is never shown to the model with a message."""
     from rich.markup import escape
 
     from chimein.models.loading import quiet
@@ -70,5 +72,6 @@ def search(
         hits = index.search(query, k)
     table = Table("#", "passage", "lexical", "dense", title=escape(query))
     for n, hit in enumerate(hits, 1):
-        table.add_row(str(n), escape(hit.passage.render()), str(hit.lexical or "-"), str(hit.dense or "-"))
+        table.add_row(str(n), escape(hit.passage.render()), str(hit.lexical or "-"),
+                      f"{hit.dense} ({hit.similarity:.2f})" if hit.dense else "-")
     console.print(table)

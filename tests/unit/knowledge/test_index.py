@@ -5,6 +5,8 @@ skipped with a reason and the rest kept; an up-to-date index is loaded, a change
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from chimein.knowledge.index import INDEX_DIR, KnowledgeError, KnowledgeIndex, chunk, tokens
@@ -123,6 +125,7 @@ def test_the_build_command_reports_what_it_indexed_and_skipped(folder):
     assert r.exit_code == 0 and "up to date" in r.output
     r = CliRunner().invoke(app, ["knowledge", "search", str(folder), "bus to the regatta?"], env={"COLUMNS": "200"})
     assert r.exit_code == 0 and "[events/regatta.txt] Summer regatta logistics Buses leave" in r.output
+    assert re.search(r"│ \d+ \(0\.\d\d\) +│", r.output), r.output  # the dense rank and its cosine similarity
     r = CliRunner().invoke(app, ["knowledge", "build", str(folder / "nope")], env={"COLUMNS": "300"})
     assert r.exit_code != 0 and "no such folder" in r.output
 
