@@ -134,6 +134,7 @@ def generate(
     model: Annotated[Optional[str], typer.Option(help="Model id (default per source).")] = None,
     base_url: Annotated[Optional[str], typer.Option(help="API base URL, e.g. a vLLM/Ollama server.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Run seed.")] = None,
+    grounded: Annotated[Optional[float], typer.Option(help="offline: this share of the conversations are grounded chats, about an invented organisation with passages of its documents (0 to 0.5; default 0).")] = None,
     concurrency: Annotated[Optional[int], typer.Option(help="Requests in flight at once.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Generation YAML (default conf/generation/default.yaml).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run with the same config.")] = False,
@@ -149,7 +150,7 @@ def generate(
 
     try:
         cfg = load_generation_config(config, source=source, count=count, model=model,
-                                     base_url=base_url, seed=seed, concurrency=concurrency)
+                                     base_url=base_url, seed=seed, concurrency=concurrency, grounded=grounded)
     except (ValidationError, FileNotFoundError) as e:
         fail(str(e))
     columns = (TextColumn("generating"), BarColumn(bar_width=20),

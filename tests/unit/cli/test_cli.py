@@ -160,3 +160,21 @@ def test_assets_rejects_unknown_names(args):
 def test_assets_reports_cached():
     r = runner.invoke(app, ["assets", "tiny-chatml"])
     assert r.exit_code == 0 and "cached" in r.output
+
+
+def test_eval_refuses_a_grounded_folder_laid_out_wrong_before_loading_a_model(tmp_path):
+    (tmp_path / "club.jsonl").write_text('[{"role": "user", "name": "A", "content": "hi"}]\n')
+    r = runner.invoke(app, ["eval", "--adapter", "local:nope", "--grounded", str(tmp_path), "--no-track"])
+    assert r.exit_code == 1
+    said = " ".join(r.output.split())
+    assert said.startswith("error: --grounded") and "club.jsonl: no folder club/ beside it; put the organisation" in said
+
+
+def test_generate_mixes_in_grounded_chats_on_request(tmp_path):
+    out = tmp_path / "c.jsonl"
+    r = runner.invoke(app, ["generate", "--count", "10", "--grounded", "0.2", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sum(any("passages" in m for m in c) for c in lines) == 2
+    r = runner.invoke(app, ["generate", "--count", "2", "--grounded", "0.9", "--out", str(tmp_path / "d.jsonl")])
+    assert r.exit_code == 1 and "grounded" in r.output
