@@ -96,6 +96,13 @@ class RetrainParams(BaseModel):
                            "grounded benchmark too: chats about invented organisations with their documents "
                            "as its knowledge (grounded.* in MLflow): answers from them, and 'the documents "
                            "don't say' when they do not answer.")
+    tools: bool = Field(True, title="Exact tools", description="Score replies with the exact tools on "
+                        "(conversions, time zones, dates, arithmetic answered by libraries, not the model), as "
+                        "chat and serve run by default. Promotion compares confident errors only between runs "
+                        "scored with the same tools and hedging.")
+    hedge: bool = Field(True, title="Hedge when unsure", description="Score replies with hedging on: below "
+                        "the adapter's confidence threshold an addressed reply says it is not sure. As "
+                        "chat and serve run by default.")
     benchmark_limit: int = Field(0, ge=0, title="Benchmark chats", description="Score only the first N "
                                  "benchmark chats: a quick check that never moves the champion. 0: all.")
     heldout_limit: int = Field(0, ge=0, title="Held-out chats", description="Check on the first N "
@@ -176,10 +183,12 @@ def retrain(params: RetrainParams = RetrainParams(), parent_run_id: SkipJsonSche
     result = train_adapter(train_config, parent_run_id, tokenized)  # processes > 1: rank 0's progress still reaches this log
 
     # evaluation: the shipped benchmark decides promotion; the held-out split is a quick check
+    honesty = {"tools": params.tools, "hedge": params.hedge}  # what shapes the replies scored
     bench = evaluate_adapter(result, "benchmark", chattiness=params.fixed_chattiness,
-                             limit=params.benchmark_limit or None) if params.benchmark else None
-    heldout = evaluate_adapter(result, "heldout", dataset, params.fixed_chattiness, params.heldout_limit or None)
-    grounded = evaluate_grounded(result, params.fixed_chattiness) if params.grounded else None
+                             limit=params.benchmark_limit or None, **honesty) if params.benchmark else None
+    heldout = evaluate_adapter(result, "heldout", dataset, params.fixed_chattiness, params.heldout_limit or None,
+                               **honesty)
+    grounded = evaluate_grounded(result, params.fixed_chattiness, **honesty) if params.grounded else None
     location = publish_adapter(result, params.publish)
     promotion = promote_if_better(result, params.promote_metric)
 

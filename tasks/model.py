@@ -137,20 +137,22 @@ def train_adapter(config: TrainConfig, parent_run_id: str | None = None,
 
 @task(task_run_name="evaluate-{on}")
 def evaluate_adapter(result: TrainResult, on: str = "benchmark", dataset: str | None = None,
-                     chattiness: float | None = None, limit: int | None = None) -> dict:
+                     chattiness: float | None = None, limit: int | None = None, tools: bool = True,
+                     hedge: bool = True) -> dict:
     """Decision metrics of the adapter (decisions only, no generation), logged on its training
     run with what makes them comparable (promotion.EvalStamp):
 
     on="benchmark": the shipped hand-written benchmark, as bench.* (decides promotion);
     on="heldout": the dataset version's held-out test split, as heldout.* (a quick check).
-    chattiness None: the adapter's calibrated threshold. limit: the first N conversations only."""
+    chattiness None: the adapter's calibrated threshold. limit: the first N conversations only.
+    tools, hedge: what shapes the forced replies at factual turns (stamped, see EvalStamp.honesty)."""
     from chimein.evaluate.benchmark import load_eval_set
     from chimein.evaluate.run import record, score
     from chimein.runtime.assistant import GroupChatAssistant
 
     evalset = load_eval_set("benchmark" if on == "benchmark" else dataset)
     fingerprint, total = evalset.fingerprint, evalset.total_decisions
-    bot = GroupChatAssistant.from_adapter(str(result.adapter_dir), chattiness=chattiness)
+    bot = GroupChatAssistant.from_adapter(str(result.adapter_dir), chattiness=chattiness, tools=tools, hedge=hedge)
     scored = score(bot, evalset, limit, replies=False)  # the same path as `chimein eval`
     record(tracking.client(), result.run_id, scored)
     metrics, stamp = scored.metrics, scored.stamp
@@ -181,7 +183,8 @@ def index_knowledge(folder: str) -> str:
 
 
 @task
-def evaluate_grounded(result: TrainResult, chattiness: float | None = None) -> dict:
+def evaluate_grounded(result: TrainResult, chattiness: float | None = None, tools: bool = True,
+                      hedge: bool = True) -> dict:
     """The adapter on the grounded benchmark (chimein.evaluate.grounded): chats about invented
     organisations with their documents as its knowledge; grounded.* on its training run, with the
     benchmark's fingerprint as the grounded.fingerprint tag. It does not decide promotion."""
@@ -189,7 +192,7 @@ def evaluate_grounded(result: TrainResult, chattiness: float | None = None) -> d
     from chimein.runtime.assistant import GroupChatAssistant
 
     bench = load_grounded()
-    bot = GroupChatAssistant.from_adapter(str(result.adapter_dir), chattiness=chattiness)
+    bot = GroupChatAssistant.from_adapter(str(result.adapter_dir), chattiness=chattiness, tools=tools, hedge=hedge)
     scored = score_grounded(bot, bench)
     metrics = scored["metrics"]
     record_grounded(tracking.client(), result.run_id, scored)

@@ -57,6 +57,9 @@ def compare(metric: str, new_value: float | None, new: EvalStamp | None,
             new.chattiness_source == "fixed" and stamp.chattiness != new.chattiness):
         why = (f"{holder_name} was scored at a {stamp.chattiness_source} chattiness {stamp.chattiness:.3f}, "
                f"this run at a {new.chattiness_source} {new.chattiness:.3f}")
+    elif new.answers and new.answers == stamp.answers and stamp.honesty != new.honesty:
+        # the confident errors below are only comparable when the same tools and hedging shaped the replies
+        why = f"{holder_name}'s replies were scored with {stamp.honesty}, this run's with {new.honesty}"
     if why:
         return Verdict(False, f"not comparable: {why}. Re-evaluate the champion on this benchmark "
                               "(`chimein eval --adapter models:/NAME@champion --log-to-run`) to compare")

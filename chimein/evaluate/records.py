@@ -31,6 +31,9 @@ class EvalStamp:
     chattiness: float | None  # None: the system decides in its output (the OpenAI baseline)
     chattiness_source: str  # "calibrated" (the adapter's own threshold), "fixed" or "model output"
     answers: str | None = None  # the fingerprint of the answer annotations its answer rates used
+    # what shaped its replies (chimein.runtime.honesty): "tools+hedge" (the default), "tools", "hedge"
+    # or "none"; a run recorded before this stamp existed was scored with the default
+    honesty: str = "tools+hedge"
 
     @property
     def complete(self) -> bool:
@@ -41,13 +44,13 @@ class EvalStamp:
         return {f"{prefix}.fingerprint": self.fingerprint, f"{prefix}.decisions": str(self.decisions),
                 f"{prefix}.total_decisions": str(self.total), f"{prefix}.complete": str(self.complete).lower(),
                 **threshold, f"{prefix}.chattiness_source": self.chattiness_source,
-                **({f"{prefix}.answers": self.answers} if self.answers else {})}
+                **({f"{prefix}.answers": self.answers} if self.answers else {}), f"{prefix}.honesty": self.honesty}
 
     @classmethod
     def of(cls, bot, fingerprint: str, decisions: int, total: int, answers: str | None = None) -> EvalStamp:
         """The stamp of `bot`'s scores (a GroupChatAssistant: its threshold and where it came from)."""
         source = "calibrated" if bot.threshold.origin == "calibrated" else "fixed"
-        return cls(fingerprint, decisions, total, bot.chattiness, source, answers)
+        return cls(fingerprint, decisions, total, bot.chattiness, source, answers, honesty_of(bot.tools, bot.hedge))
 
     @classmethod
     def from_tags(cls, tags: dict, prefix: str) -> EvalStamp | None:
@@ -56,7 +59,13 @@ class EvalStamp:
         threshold = tags.get(f"{prefix}.chattiness")
         return cls(tags[f"{prefix}.fingerprint"], int(tags[f"{prefix}.decisions"]),
                    int(tags[f"{prefix}.total_decisions"]), None if threshold is None else float(threshold),
-                   tags[f"{prefix}.chattiness_source"], tags.get(f"{prefix}.answers"))
+                   tags[f"{prefix}.chattiness_source"], tags.get(f"{prefix}.answers"),
+                   tags.get(f"{prefix}.honesty", "tools+hedge"))
+
+
+def honesty_of(tools: bool, hedge: bool) -> str:
+    """The EvalStamp's name for what shaped a system's replies."""
+    return "+".join(n for n, on in (("tools", tools), ("hedge", hedge)) if on) or "none"
 
 
 def eval_prefix(data: str) -> str:

@@ -67,7 +67,8 @@ def test_retrain_flow_end_to_end_and_cached(tmp_path):
         calls = len(fake.requests)
         second = run_retrain(params, tmp_path, env)
         assert len(fake.requests) == calls == 10  # the rerun made no generation request
-        third = run_retrain(params | {"refresh": True, "max_steps": 1, "benchmark_limit": 3}, tmp_path, env)
+        third = run_retrain(params | {"refresh": True, "max_steps": 1, "benchmark_limit": 3, "hedge": False},
+                            tmp_path, env)
         assert len(fake.requests) == 2 * calls  # refresh regenerates
     # the first version scored on the whole benchmark takes the alias; a partial score never does
     assert first["registered"] == "chimein-tiny-chatml/1" and first["champion"]["moved"] is True
@@ -76,6 +77,7 @@ def test_retrain_flow_end_to_end_and_cached(tmp_path):
     assert "promotion needs the whole benchmark" in third["champion"]["reason"]
     partial = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(third["run_id"]).data
     assert partial.tags["bench_partial.complete"] == "false" and "bench.fingerprint" not in partial.tags
+    assert partial.tags["bench_partial.honesty"] == "tools"  # the run's switches: tools on, hedging off
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     run = client.get_run(first["run_id"])
     bench = load_benchmark()
@@ -84,6 +86,7 @@ def test_retrain_flow_end_to_end_and_cached(tmp_path):
     assert run.data.metrics["bench.decisions"] == bench.decisions
     assert run.data.tags["bench.fingerprint"] == bench.fingerprint == first["benchmark_fingerprint"]
     assert run.data.tags["bench.complete"] == "true" and "bench.balanced_accuracy" in run.data.metrics
+    assert run.data.tags["bench.honesty"] == "tools+hedge"  # the defaults, as chat and serve run
     # the flow scores decisions only: no reply metric is logged for replies never generated ...
     assert not [k for k in run.data.metrics if k.split(".")[-1] in REPLY_METRICS], run.data.metrics
     # ... but the replies forced at the benchmark's factual turns are judged, with their annotations

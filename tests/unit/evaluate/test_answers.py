@@ -125,8 +125,8 @@ def test_replies_are_forced_at_factual_turns_whatever_the_decision(answer, expec
     assert len(s.report["answers"]) == factual
 
 
-def stamp(answers="answers-1"):
-    return EvalStamp("bench-1", 809, 809, 0.5, "calibrated", answers)
+def stamp(answers="answers-1", honesty="tools+hedge"):
+    return EvalStamp("bench-1", 809, 809, 0.5, "calibrated", answers, honesty)
 
 
 def test_a_version_more_often_confidently_wrong_does_not_take_the_alias():
@@ -138,6 +138,29 @@ def test_a_version_more_often_confidently_wrong_does_not_take_the_alias():
     # other annotations: the rates are not comparable, the decision metric decides
     assert compare("balanced_accuracy", 0.95, stamp("answers-2"), holder, errors=(0.30, 0.20)).move
     assert EvalStamp.from_tags(stamp().tags("bench"), "bench") == stamp()
+
+
+def test_confident_errors_are_compared_only_between_replies_shaped_alike():
+    """A run scored without tools or hedging (the retrain flow's switches) is not compared on
+    confident errors with a champion scored with them, nor the other way round."""
+    holder = ("chimein-x v1 (@champion)", 0.90, stamp())
+    for new in (stamp(honesty="none"), stamp(honesty="tools")):
+        refused = compare("balanced_accuracy", 0.95, new, holder, errors=(0.10, 0.20))
+        assert not refused.move and "not comparable" in refused.reason
+        assert f"scored with tools+hedge, this run's with {new.honesty}" in refused.reason
+    assert compare("balanced_accuracy", 0.95, stamp(honesty="none"), ("v1", 0.90, stamp(honesty="none")),
+                   errors=(0.10, 0.20)).move
+    # a champion recorded before the stamp named it was scored with the defaults
+    old_tags = {k: v for k, v in stamp().tags("bench").items() if k != "bench.honesty"}
+    assert EvalStamp.from_tags(old_tags, "bench").honesty == "tools+hedge"
+    assert EvalStamp.from_tags(stamp(honesty="hedge").tags("bench"), "bench").honesty == "hedge"
+
+
+def test_the_stamp_names_the_switches_the_assistant_ran_with():
+    from chimein.evaluate.records import honesty_of
+
+    assert [honesty_of(t, h) for t, h in ((True, True), (True, False), (False, True), (False, False))] == \
+        ["tools+hedge", "tools", "hedge", "none"]
 
 
 class OneByOne:
