@@ -162,7 +162,7 @@ class GroupChatAssistant:
             self.state.messages.append(msg)
             d, branches = self._decide(self._window())
             d.passages = sources
-            d.speak = force or d.p_speak >= self.chattiness
+            d.speak = force or d.p_speak >= self.state.threshold(self.chattiness)
             if d.speak and reply:
                 self._respond(d, branches, honesty.addressed(content, force))
         return d

@@ -69,7 +69,7 @@ def add_many(bot, requests: list[tuple[ConversationState, str, str, bool]],
             decisions = decide_batch(bot, [(st, br) for _, st, _, br in group])
             speakers = []
             for (i, st, _, br), d in zip(group, decisions):
-                d.speak = requests[i][3] or d.p_speak >= bot.chattiness
+                d.speak = requests[i][3] or d.p_speak >= st.threshold(bot.chattiness)
                 d.passages = sources[i]
                 results[i] = d
                 bot.use(st)

@@ -88,6 +88,11 @@ class ConversationState:
     fed: list[int] = field(default_factory=list)  # token ids whose keys/values are in the cache
     cache: object = None
     last_logits: object = None  # logits after the last fed token
+    # this conversation's own threshold on p(speak) (e.g. a room set to quiet), None: the assistant's
+    chattiness: float | None = None
+
+    def threshold(self, default: float) -> float:
+        return default if self.chattiness is None else self.chattiness
 
     def nbytes(self) -> int:
         """Memory held for the model: the KV cache and the last logits (the messages are small)."""

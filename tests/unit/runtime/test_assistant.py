@@ -431,6 +431,23 @@ def test_batched_decisions_equal_one_by_one(name, monkeypatch):
         bot.add_many([(many[0], "A", "x", False), (many[0], "B", "y", False)])
 
 
+def test_a_conversation_with_its_own_chattiness_decides_by_it(monkeypatch):
+    """ConversationState.chattiness (a Matrix room set to quiet or chatty) overrides the
+    assistant's threshold for that conversation only, one by one and in add_many."""
+    bot = bot_for("tiny-chatml")  # shared: its settings are put back afterwards
+    monkeypatch.setattr(bot, "chattiness", 2.0)  # the assistant's own: never speaks unasked
+    monkeypatch.setattr(bot, "hedge", False)  # random weights are never sure: a guess would be withdrawn
+    chatty, default = ConversationState(chattiness=0.0), ConversationState()
+    for st in (chatty, default):
+        bot.use(st)
+        d = bot.add("Ann", "anyone around?")
+        assert d.speak is (st is chatty) and (d.response is not None) is (st is chatty)
+    results = bot.add_many([(ConversationState(chattiness=0.0), "Ann", "hi", False),
+                            (ConversationState(), "Ben", "hi", False)], reply=False)
+    assert [d.speak for d in results] == [True, False]
+    assert ConversationState(chattiness=0.7).threshold(0.3) == 0.7 and ConversationState().threshold(0.3) == 0.3
+
+
 def test_an_adapter_brings_the_documents_it_was_trained_for(tiny_adapter, tmp_path, caplog):
     """chimein.json's `knowledge` (the retrain flow's "The group's documents") is used by default;
     knowledge=None turns it off; a folder that is not on this machine is said, not a crash."""

@@ -31,7 +31,7 @@ def test_a_default_threshold_named_like_a_calibrated_one_is_not_taken_for_one():
 
 def test_the_stamp_compares_calibrated_against_everything_else():
     def bot(c: Chattiness):
-        return SimpleNamespace(threshold=c, chattiness=c.threshold)
+        return SimpleNamespace(threshold=c, chattiness=c.threshold, tools=True, hedge=True)
 
     assert EvalStamp.of(bot(Chattiness(0.4, "calibrated", "calibrated on x")), "b", 1, 1).chattiness_source == "calibrated"
     assert EvalStamp.of(bot(Chattiness.fixed(0.4)), "b", 1, 1).chattiness_source == "fixed"
