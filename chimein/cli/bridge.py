@@ -50,6 +50,10 @@ def matrix(
     max_batch: Annotated[int, typer.Option(min=1, help="Most messages (of different rooms) decided together.")] = 16,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply, in tokens.")] = 96,
     device_name: Annotated[str, typer.Option(help="The device name of the bot's login.")] = "chimein",
+    record_dir: Annotated[Optional[Path], typer.Option(help="Where rooms that said '/chimein record on' are recorded "
+                                                            "(scrubbed of personal data), for the retrain flow's "
+                                                            "feedback setting. Default: beside the state file.")] = None,
+    retention_days: Annotated[float, typer.Option(min=0.1, help="Recordings older than this are deleted.")] = 30,
     responder: Annotated[Optional[str], typer.Option(help=RESPONDER_HELP)] = None,
     responder_base_url: Annotated[Optional[str], typer.Option(help=RESPONDER_URL_HELP)] = None,
     tools: Annotated[bool, typer.Option(help=TOOLS_HELP)] = True,
@@ -77,10 +81,12 @@ def matrix(
     logging.getLogger("chimein.matrix").setLevel(logging.INFO)
     try:
         bridge = MatrixBridge(bot, homeserver, user, state or default_state(user), password=password, token=token,
-                              device_name=device_name, catch_up_s=catch_up, max_batch=max_batch)
+                              device_name=device_name, catch_up_s=catch_up, max_batch=max_batch,
+                              record_dir=record_dir, retention_days=retention_days)
     except ValueError as e:
         fail(str(e))
-    console.print(f"bridging {user} on {homeserver}; state in {bridge.state_path}", soft_wrap=True, highlight=False)
+    console.print(f"bridging {user} on {homeserver}; state in {bridge.state_path}; recordings (rooms that "
+                  f"agreed) in {bridge.recorder.root}", soft_wrap=True, highlight=False)
 
     async def main():
         loop = asyncio.get_running_loop()

@@ -22,6 +22,10 @@ limit after the server's retry-after (429), and one that could not connect with 
 they are at most `catch_up_s` old, and only reads older ones.
 
 `/chimein quiet|normal|chatty` in a room sets that room's chattiness, and `/chimein status` says it.
+`/chimein record on` (off by default, announced in the room) records the room for training, with
+personal data scrubbed (chimein.data.feedback), and so do the reactions to the assistant's
+replies, which label them. `/chimein record off` stops, and `/chimein forget` deletes what was
+recorded. Recordings older than the retention are deleted.
 Only unencrypted rooms are read: matrix-nio's end-to-end encryption needs libolm, which is not
 installed.
 """
@@ -39,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from chimein.conversation import InvalidConversation, parse_conversation
+from chimein.data.feedback import Recorder
 from chimein.runtime.assistant import GroupChatAssistant
 from chimein.runtime.batcher import Batcher
 from chimein.runtime.store import ConversationStore
@@ -134,7 +139,7 @@ class MatrixBridge:
     def __init__(self, bot: GroupChatAssistant, homeserver: str, user_id: str, state_path: Path,
                  password: str | None = None, token: str | None = None, device_name: str = "chimein",
                  catch_up_s: float = 300, max_batch: int = 16, max_conversations: int = 256,
-                 sync_timeout_ms: int = 30_000):
+                 sync_timeout_ms: int = 30_000, record_dir: Path | None = None, retention_days: float = 30):
         from nio import AsyncClient, AsyncClientConfig
 
         if not (password or token):
@@ -157,6 +162,9 @@ class MatrixBridge:
         self.handled = set(self.state.handled)
         self.sent: set[str] = set()  # event ids of the bot's own replies (a reply to one addresses it)
         self.texts: dict[str, tuple[str, str]] = {}  # recent event id -> (name, body): a thread's root
+        self.recorder = Recorder(record_dir or self.state_path.with_name(self.state_path.stem + "-recordings"),
+                                 retention_days)
+        self.pruned_day = None  # the day the recordings were last pruned
         self.joining: set[str] = set()  # rooms just joined: what precedes its join event is backlog
         self.stats = {"read": 0, "decided": 0, "replied": 0, "skipped": 0}
         self.stopping = asyncio.Event()
@@ -263,10 +271,17 @@ class MatrixBridge:
         except asyncio.TimeoutError:
             pass
 
+    def recording(self, room: str) -> bool:
+        return bool(self.state.rooms.get(room, {}).get("record"))
+
     async def _process(self, resp, first: bool, backlog: bool) -> None:
         """One sync's invites (joined) and messages. backlog: what the first start finds, read
         only; else a message at most catch_up_s old is decided. The bot's own messages are read
         as its replies in the first sync only (later ones are in the conversations already)."""
+        if (today := time.strftime("%Y-%m-%d", time.gmtime())) != self.pruned_day:
+            if gone := self.recorder.prune():
+                log.info(f"deleted {gone} recording file(s) older than {self.recorder.retention_days:g} days")
+            self.pruned_day = today
         for room_id in resp.rooms.invite:
             log.info(f"invited to {room_id}: joining")
             self.joining.add(room_id)
@@ -284,6 +299,12 @@ class MatrixBridge:
                 if room_id in self.joining and ev.get("type") == "m.room.member" and \
                         ev.get("state_key") == self.user_id and (ev.get("content") or {}).get("membership") == "join":
                     self.joining.discard(room_id)  # what follows its own join is news
+                if ev.get("type") == "m.reaction" and self.recording(room_id) and not backlog:
+                    rel = (ev.get("content") or {}).get("m.relates_to") or {}
+                    if rel.get("rel_type") == "m.annotation" and ev.get("event_id") not in self.handled:
+                        self.recorder.reaction(room_id, ev["event_id"], int(ev.get("origin_server_ts", 0)),
+                                               rel.get("event_id", ""), str(rel.get("key", "")))
+                        self._mark(ev["event_id"])
                 msg = self._incoming(room_id, ev)
                 if msg is None:
                     continue
@@ -333,11 +354,15 @@ class MatrixBridge:
                 self._read_only(msg, assistant=True)
             elif command := COMMAND.match(msg.body):
                 if live:
-                    await self._command(msg, command.group(1).lower())
-            elif live:
-                await self._decide(msg)
+                    await self._command(msg, msg.body[command.end(1):].strip().lower(), command.group(1).lower())
             else:
-                self._read_only(msg)
+                if self.recording(msg.room) and live:
+                    self.recorder.message(msg.room, msg.event_id, msg.ts, msg.name, msg.body, thread=msg.thread,
+                                          addressed=msg.addressed)
+                if live:
+                    await self._decide(msg)
+                else:
+                    self._read_only(msg)
             self._mark(msg.event_id)
 
     def _mark(self, event_id: str) -> None:
@@ -383,6 +408,9 @@ class MatrixBridge:
         if event_id:
             self.sent.add(event_id)
             self.stats["replied"] += 1
+            if not notice and self.recording(msg.room):
+                self.recorder.message(msg.room, event_id, int(time.time() * 1000), "chimein", text, assistant=True,
+                                      thread=msg.thread)
         return event_id
 
     async def _send(self, room: str, content: dict, txn: str) -> str | None:
@@ -396,9 +424,23 @@ class MatrixBridge:
         log.error(f"the homeserver refused a message to {room}: {getattr(resp, 'message', resp)}")
         return None
 
-    async def _command(self, msg: Incoming, arg: str) -> None:
+    async def _command(self, msg: Incoming, rest: str, arg: str) -> None:
         rooms = self.state.rooms.setdefault(msg.room, {})
-        if arg in LEVELS:
+        days = f"{self.recorder.retention_days:g} days"
+        if arg == "record" and rest in ("on", "off"):
+            rooms["record"] = rest == "on"
+            self.state.save(self.state_path)
+            said = (f"chimein records this room from now on, to learn this group's habits: your messages and "
+                    f"reactions to its replies (👎 or 'not now, bot' when it interrupted, 👍 or ✅ when it helped, "
+                    f"'@bot??' when it should have spoken). Emails, phone numbers and links with keys are removed "
+                    f"first; recordings are deleted after {days}. '/chimein record off' stops, "
+                    "'/chimein forget' deletes them." if rest == "on" else
+                    f"chimein stopped recording this room. What it recorded is deleted after {days}; "
+                    "'/chimein forget' deletes it now.")
+        elif arg == "forget":
+            said = ("chimein deleted what it recorded in this room." if self.recorder.forget(msg.room)
+                    else "chimein had nothing recorded in this room.")
+        elif arg in LEVELS:
             rooms["level"] = arg
             self.state.save(self.state_path)
             threshold = room_threshold(arg, self.bot.chattiness)
@@ -406,7 +448,8 @@ class MatrixBridge:
                     f"{self.bot.chattiness if threshold is None else threshold:.2f}")
         elif arg in ("", "status"):
             level = rooms.get("level", "normal")
-            said = f"chimein is {level} in this room ({self.bot.describe()})"
+            said = (f"chimein is {level} in this room, recording {'on' if rooms.get('record') else 'off'} "
+                    f"({self.bot.describe()})")
         else:
-            said = "usage: /chimein quiet | normal | chatty | status"
+            said = "usage: /chimein quiet | normal | chatty | status | record on | record off | forget"
         await self.reply(msg, said, notice=True)

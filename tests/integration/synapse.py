@@ -158,9 +158,9 @@ class Synapse:
         self.request("POST", f"/_synapse/admin/v1/users/{user_id}/override_ratelimit",
                      {"messages_per_second": per_second, "burst_count": burst}, admin.token)
 
-    def send(self, who: Account, room: str, content: dict) -> str:
+    def send(self, who: Account, room: str, content: dict, event_type: str = "m.room.message") -> str:
         txn = uuid.uuid4().hex
-        return self.api(who, "PUT", f"/rooms/{room}/send/m.room.message/{txn}", content)["event_id"]
+        return self.api(who, "PUT", f"/rooms/{room}/send/{event_type}/{txn}", content)["event_id"]
 
     def messages(self, who: Account, room: str, limit: int = 200) -> list[dict]:
         """The room's message events, oldest first."""

@@ -39,7 +39,8 @@ class Bot:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "chimein.cli", "bridge", "matrix", "--homeserver", self.hs.url,
              "--user", self.account.user_id, "--base", "tiny-chatml", "--chattiness", "2.0",
-             "--max-new-tokens", "6", "--state", str(self.state), "--catch-up", "600"],
+             "--max-new-tokens", "6", "--state", str(self.state), "--catch-up", "600",
+             "--record-dir", str(self.state.parent / "recordings")],
             stdout=subprocess.PIPE, stderr=open(self.log, "ab"), text=True, env=env, start_new_session=True)
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.extend(iter(self.proc.stdout.readline, "")), daemon=True)
@@ -162,6 +163,21 @@ def test_the_bot_in_a_room_on_a_real_homeserver(tmp_path):
             burst = [hs.send(ben, room, text(f"@chimein what is {n} + {n}?", bot_account.user_id)) for n in (3, 4, 5)]
             for event_id in burst:
                 wait_for_reply(hs, ann, room, bot_account.user_id, event_id)
+
+            # recording, with the room's consent: labels from its reactions, personal data scrubbed
+            record = hs.send(ann, room, text("/chimein record on"))
+            assert "records this room" in wait_for_reply(hs, ann, room, bot_account.user_id, record)["content"]["body"]
+            asked_too = hs.send(ann, room, text("@chimein my mail is ann@example.org, what is 6 * 7?",
+                                                bot_account.user_id))
+            unwanted = wait_for_reply(hs, ann, room, bot_account.user_id, asked_too)["event_id"]
+            hs.send(ben, room, {"m.relates_to": {"rel_type": "m.annotation", "event_id": unwanted, "key": "👎"}},
+                    "m.reaction")
+            hs.send(ann, room, text("which platform does the 10:15 to leeds leave from?"))
+            poke = hs.send(ann, room, text("@chimein??", bot_account.user_id))
+            wait_for_reply(hs, ann, room, bot_account.user_id, poke)
+            stop_recording = hs.send(ann, room, text("/chimein record off"))
+            wait_for_reply(hs, ann, room, bot_account.user_id, stop_recording)
+            hs.send(ann, room, text("not recorded any more"))
             time.sleep(2)  # anything sent twice would be in by now
         finally:
             code = bot.stop()
@@ -169,6 +185,19 @@ def test_the_bot_in_a_room_on_a_real_homeserver(tmp_path):
         assert code == 0, log[-3000:]
         answered = replies_to(hs, ann, room, bot_account.user_id)
         assert backlog not in answered and notice not in answered  # the backlog was read, not answered
-        assert set(answered) == {asked, in_thread, quiet, missed, after, *burst}  # silence on small talk
+        assert set(answered) == {asked, in_thread, quiet, missed, after, *burst, record, asked_too, poke,
+                                 stop_recording}  # silence on small talk
         assert all(len(r) == 1 for r in answered.values()), {k: len(r) for k, r in answered.items()}
         assert "429" in log or "ratelimited" in log.lower()  # the rate limit was hit, and waited out
+
+        from chimein.data.feedback import load_feedback
+
+        report = load_feedback(tmp_path / "recordings")
+        assert report.labels == {"interruption": 1, "missed": 1}  # the 👎 reply, and the poke
+        [conv] = report.conversations
+        said = [(m.role, m.content) for m in conv.messages]
+        assert said[0] == ("user", "@chimein my mail is [email], what is 6 * 7?")  # scrubbed; its reply removed
+        assert said[1] == ("user", "which platform does the 10:15 to leeds leave from?")
+        assert said[2][0] == "assistant" and len(said) == 3  # the poke's reply moved to the missed question
+        recorded = " ".join(f.read_text() for f in (tmp_path / "recordings").glob("*/*.jsonl"))
+        assert "ann@example.org" not in recorded and "not recorded any more" not in recorded
