@@ -19,9 +19,8 @@ thread); `_conversations` then applies the same rules to every format:
   thread: a reply a day later still answers its thread), and before the user message that would
   exceed `max_messages` user messages (each one a decision point; the default of 30 keeps a
   conversation of short chat lines within the presets' 1024 tokens, so preprocessing does not cut
-  its end off). A conversation left with no user message is dropped
-  (`no_user_message`, counted in conversations); one where the assistant never spoke is kept:
-  it is all silence, which is real data.
+  its end off). A conversation left with no user message is dropped (`no_user_message`, counted
+  in conversations); one where the assistant never spoke is kept: it is all silence, real data.
 - **The assistant's turns.** Consecutive assistant messages become one turn (joined by newlines),
   as the format has at most one assistant turn after each user message. An assistant message
   before its conversation's first user message is dropped (`assistant_first`), and so is the
@@ -46,11 +45,12 @@ a JSON list of events or JSON Lines of events (rich-reply fallbacks `> <@x:y> �
 reply; display names from membership events); `slack` the export folder or .zip (`users.json`,
 one folder per channel of day files; `<@U123>` mentions become `@name`); `discord`
 DiscordChatExporter JSON, one file or a folder of them; `irc` text logs (`[12:34] <nick> hi`,
-`[12:34:56] <nick> hi`, `12:34 <nick> hi`, weechat's `2024-01-02 12:34:56<TAB>nick<TAB>hi`;
-irssi/weechat day-change lines carry the date, otherwise a clock going backwards starts a new day);
-`whatsapp` the "Export chat" text, Android (`12/31/23, 9:41 PM - Name: hi`) or iOS
-(`[31/12/2023, 21:41:05] Name: hi`), continuation lines joined (day or month first decided from the
-whole file).
+`[12:34:56] <nick> hi`, `12:34 <nick> hi`, weechat's `2024-01-02 12:34:56<TAB>nick<TAB>hi`, HexChat's
+`Jan 02 12:34:56 <nick> hi`; irssi's day-change and HexChat's logging lines carry the date, otherwise
+a clock going backwards starts a new day);
+`whatsapp` the "Export chat" text (or the .zip with it), Android (`12/31/23, 9:41 PM - Name: hi`)
+or iOS (`[31/12/2023, 21:41:05] Name: hi`), continuation lines joined (day or month first decided
+from the whole file).
 """
 
 from __future__ import annotations
@@ -99,9 +99,9 @@ HOW = {
     "slack": "the export's .zip or its unzipped folder, with users.json, channels.json and one folder "
              "of day files per channel (Workspace settings → Import/Export data → Export)",
     "discord": "a JSON file of DiscordChatExporter (--format Json), or a folder of them",
-    "irc": "a text log with lines like `[12:34] <nick> message`, `12:34 <nick> message` or weechat's "
-           "`2024-01-02 12:34:56<TAB>nick<TAB>message`",
-    "whatsapp": "the .txt of WhatsApp's Export chat (Without media), with lines like "
+    "irc": "a text log with lines like `[12:34] <nick> message`, `12:34 <nick> message`, weechat's "
+           "`2024-01-02 12:34:56<TAB>nick<TAB>message` or HexChat's `Jan 02 12:34:56 <nick> message`",
+    "whatsapp": "the .txt (or .zip) of WhatsApp's Export chat, with lines like "
                 "`12/31/23, 9:41 PM - Name: message` or `[31/12/2023, 21:41:05] Name: message`",
 }
 
@@ -136,8 +136,8 @@ class ChatMessage:
 @dataclass
 class ImportResult:
     conversations: list[Conversation]
-    skipped: Counter = field(default_factory=Counter)  # reason (a key of REASONS) → count
-    speakers: Counter = field(default_factory=Counter)  # speaker label → messages, as found
+    skipped: Counter[str] = field(default_factory=Counter)  # reason (a key of REASONS) → count
+    speakers: Counter[str] = field(default_factory=Counter)  # speaker label → messages, as found
     assistant: str = ""  # the label of the account that became the assistant
     truncated: int = 0  # messages cut to MAX_MESSAGE_CHARS
 
@@ -315,7 +315,8 @@ def _guess(path: Path) -> str | None:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
                 names = {n.rsplit("/", 1)[-1] for n in z.namelist()}
-            return "slack" if names & {"users.json", "channels.json"} else None
+            return ("slack" if names & {"users.json", "channels.json"}
+                    else "whatsapp" if "_chat.txt" in names else None)
         with path.open("rb") as f:
             head = f.read(65536).decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
     except OSError:
@@ -340,6 +341,8 @@ def _decode(data: bytes, path: Path | str, fmt: str) -> str:
     try:
         return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
+        if _guess(Path(path)) not in (None, fmt, "chimein"):  # a .zip given as a text log, say
+            raise _wrong(Path(path), fmt, "not text") from None
         raise ChatImportError(f"{path}: not UTF-8 text (byte {e.start} is invalid); {WHAT[fmt]} is "
                               "UTF-8: export it again, or convert it (iconv -f LATIN1 -t UTF-8)") from None
 
@@ -563,7 +566,8 @@ def _slack_channel(messages: list[dict], users: dict, skipped: Counter) -> list[
 # --- discord --------------------------------------------------------------------------------
 
 DISCORD_KEPT = ("Default", "Reply")
-DISCORD_COMMANDS = ("ChatInputCommand", "ContextMenuCommand")  # a bot's answer to a slash command
+# a bot's answer to a slash command; DiscordChatExporter writes kinds it has no name for as numbers
+DISCORD_COMMANDS = ("ChatInputCommand", "ContextMenuCommand", "20", "23")
 
 
 def _discord(path: Path, skipped: Counter) -> list[list[ChatMessage]]:
@@ -610,15 +614,16 @@ def _discord(path: Path, skipped: Counter) -> list[list[ChatMessage]]:
 _IRC_WEECHAT = re.compile(r"^(\d{4}-\d{2}-\d{2})[ T](\d{2}:\d{2}:\d{2})\t([^\t]*)\t(.*)$")
 _IRC_BRACKET = re.compile(r"^\[(?:(\d{4}-\d{2}-\d{2})[ T])?(\d{1,2}:\d{2}(?::\d{2})?)\]\s?(.*)$")
 _IRC_BARE = re.compile(r"^(\d{1,2}:\d{2}(?::\d{2})?)\s(.*)$")
+_MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
+_IRC_HEXCHAT = re.compile(rf"^({'|'.join(_MONTHS)}) (\d{{1,2}}) (\d{{2}}:\d{{2}}:\d{{2}})\s(.*)$")  # no year
 _IRC_SAY = re.compile(r"^<\s*[~&@%+]?([^>\s]+)>\s?(.*)$")
 _IRC_ACTION = re.compile(r"^\*\s+([^*\s]\S*)\s+(.*)$")  # "* nick waves", not "*** Joins:"
-_MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
 _IRC_DAY = re.compile(rf"\b({'|'.join(_MONTHS)})[a-z]*\s+(\d{{1,2}})\b.*?\b(\d{{4}})\b")  # Tue Jan 03 2023
 
 
 def _irc_parse(line: str) -> tuple[str, tuple]:
-    """('say'|'action', (date, time, nick, text)), ('system', (date, time)), ('day', (date,)),
-    ('blank', ()) or ('unparsed', ())."""
+    """('say'|'action', (day, clock, nick, text)), ('system', (day, clock)), ('day', (date,)),
+    ('blank', ()) or ('unparsed', ()); a day is None, 'YYYY-MM-DD' or '--MM-DD' (HexChat's)."""
     line = line.rstrip("\r")
     if not line.strip():
         return "blank", ()
@@ -635,6 +640,8 @@ def _irc_parse(line: str) -> tuple[str, tuple]:
         day, clock, rest = m.groups()
     elif m := _IRC_BARE.match(line):
         day, (clock, rest) = None, m.groups()
+    elif m := _IRC_HEXCHAT.match(line):  # "Jan 02 10:00:01 <nick> hi": month and day, "--MM-DD"
+        day, clock, rest = f"--{_MONTHS.index(m[1]) + 1:02d}-{int(m[2]):02d}", m[3], m[4]
     else:
         if line.startswith(("---", "****")):
             d = _IRC_DAY.search(line)
@@ -651,6 +658,17 @@ def _irc_parse(line: str) -> tuple[str, tuple]:
     if rest.startswith(("-", "*", "<--")):  # -!-, -->, <--, ***, -NickServ-: joins, quits, notices
         return "system", (day, clock)
     return "unparsed", ()
+
+
+def _irc_day(given: str | None, current: date) -> date:
+    if given is None:
+        return current
+    if given.startswith("--"):
+        try:
+            return date(current.year, int(given[2:4]), int(given[5:7]))
+        except ValueError:  # 29 Feb in a year without it
+            return current
+    return date.fromisoformat(given)
 
 
 def _irc(path: Path, skipped: Counter) -> list[list[ChatMessage]]:
@@ -674,9 +692,11 @@ def _irc(path: Path, skipped: Counter) -> list[list[ChatMessage]]:
         except ValueError:  # 24:00 and the like
             clock = None
         if clock is not None:
-            when = datetime.combine(date.fromisoformat(parts[0]) if parts[0] else day, clock)
-            if not parts[0] and last is not None and when < last:  # past midnight without a day line
-                when += timedelta(days=1)
+            when = datetime.combine(_irc_day(parts[0], day), clock)
+            if last is not None and when < last and parts[0] is None:
+                when += timedelta(days=1)  # past midnight without a day line
+            elif last is not None and when < last and parts[0].startswith("--") and when.month < last.month:
+                when += date(when.year + 1, 1, 1) - date(when.year, 1, 1)  # HexChat has no year: a new one
             day, last = when.date(), when
         if kind == "system":
             skipped["system"] += 1
@@ -729,7 +749,15 @@ def _wa_when(day: str, clock: str, order: str) -> datetime | None:
 
 
 def _whatsapp(path: Path, skipped: Counter) -> list[list[ChatMessage]]:
-    text = _decode(path.read_bytes(), path, "whatsapp")
+    data = path.read_bytes()
+    if zipfile.is_zipfile(path):  # iOS exports a .zip: _chat.txt and the media
+        with zipfile.ZipFile(path) as z:
+            texts = sorted((n for n in z.namelist() if n.endswith(".txt")),
+                           key=lambda n: "_chat.txt" not in n)
+            if not texts:
+                raise _wrong(path, "whatsapp", "a .zip without a .txt chat in it")
+            data = z.read(texts[0])
+    text = _decode(data, path, "whatsapp")
     records: list[list[str]] = []  # [date, time, first line, continuation lines …]
     for line in text.split("\n"):
         line = line.rstrip("\r")

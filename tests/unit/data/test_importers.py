@@ -235,12 +235,13 @@ def test_discord_replies_keep_their_place_and_skips(tmp_path):
         dmsg(7, ANN, "", type="ChannelPinnedMessage"),
         dmsg(8, ANN, "look", attachments=[{"id": "8", "fileName": "x.jpg"}]),  # text kept
         dmsg(9, CHIME, "Pong!", type="ChatInputCommand"),
+        dmsg(10, CHIME, "Pong!", type="20"),  # the same, from an exporter without a name for it
     ])
     r = import_chat("discord", path, "chime#4321")
     assert [turns(c) for c in r.conversations] == [[
         ("user", "Ann", "how far is the moon?"), ("assistant", None, "About 384,400 km."),
         ("user", "ben", "ok"), ("user", "Ann", "look")]]
-    assert r.skipped == Counter({"system": 2, "bot": 1, "media": 1, "command": 1})
+    assert r.skipped == Counter({"system": 2, "bot": 1, "media": 1, "command": 2})
     written_and_loaded(r, tmp_path)
 
 
@@ -286,6 +287,18 @@ this line is noise
                 "2023-01-03 00:02:00\t+bob\tthanks chimebot\n"
                 "2023-01-03 00:03:00\t<--\tdave (~d@host) has quit (Ping timeout)\n"
                 "2023-01-03 02:30:00\tcarol\tlate night\n"),
+    "hexchat": ("**** BEGIN LOGGING AT Mon Jan  2 23:40:00 2023\n"
+                "Jan 02 23:50:01 <alice>\tanyone know the boiling point of ethanol?\n"
+                "Jan 02 23:51:12 -->\tbob (~b@host) has joined #chem\n"
+                "Jan 02 23:52:00 <@chimebot>\t78.37 °C at sea level.\n"
+                "Jan 02 23:52:30 <chimebot>\t(at 1 atm)\n"
+                "Jan 02 23:58:00 *\tbob waves\n"
+                "Jan 03 00:02:00 <+bob>\tthanks chimebot\n"
+                "Jan 03 02:30:00 <carol>\tlate night\n"),
+}
+IRC_SKIPPED = {  # log-opened and day-changed lines, joins and quits; irssi's log has a line of noise
+    "bracketed": {"system": 2}, "irssi": {"system": 4, "unparsed": 1}, "weechat": {"system": 2},
+    "hexchat": {"system": 2},
 }
 
 
@@ -300,9 +313,16 @@ def test_irc_log_forms(tmp_path, form):
          ("user", "bob", "*waves*"), ("user", "bob", "thanks chimebot")],  # past midnight: one chat
         [("user", "carol", "late night")],  # after 2.5 hours: a new one
     ]
-    irssi = form == "irssi"  # its log-opened and day-changed lines, and one line of noise
-    assert r.skipped == Counter({"system": 4 if irssi else 2} | ({"unparsed": 1} if irssi else {}))
+    assert r.skipped == Counter(IRC_SKIPPED[form])
     written_and_loaded(r, tmp_path)
+
+
+def test_irc_hexchat_lines_cross_the_new_year(tmp_path):
+    path = tmp_path / "hexchat.log"
+    path.write_text("**** BEGIN LOGGING AT Sun Dec 31 23:00:00 2023\n"
+                    "Dec 31 23:59:00 <ana>\tnearly\nJan 01 00:01:00 <bot>\thappy new year\n")
+    (conversation,) = import_chat("irc", path, "bot").conversations  # two minutes apart, not a year back
+    assert [m.content for m in conversation.messages] == ["nearly", "happy new year"]
 
 
 # --- whatsapp --------------------------------------------------------------------------------
@@ -342,8 +362,13 @@ def test_whatsapp_export_forms(tmp_path, form):
         ("user", "Ben", "happy new year!")]]
     assert r.skipped == Counter({"system": 3, "media": 1, "deleted": 1})
     written_and_loaded(r, tmp_path)
-    assert import_chat("whatsapp", path, "chime", gap_minutes=5).skipped["no_user_message"] == 0
     assert len(import_chat("whatsapp", path, "chime", gap_minutes=5).conversations) == 2
+    with zipfile.ZipFile(tmp_path / "chat.zip", "w") as z:  # as iOS shares it, with the media
+        z.writestr("_chat.txt", WHATSAPP[form])
+        z.writestr("00000012-PHOTO.jpg", b"\xff\xd8")
+    assert import_chat("whatsapp", tmp_path / "chat.zip", "chime").conversations == r.conversations
+    with pytest.raises(ChatImportError, match="use `chimein import whatsapp`"):
+        import_chat("irc", tmp_path / "chat.zip", "chime")
 
 
 # --- rules every format shares ---------------------------------------------------------------
@@ -442,6 +467,8 @@ def discord_file(folder):
     ("matrix", text_file("c.jsonl", '[{"role": "user", "name": "a", "content": "hi"}]\n'),
      "already in chimein's conversation format"),
     ("whatsapp", text_file("b.txt", b"\xff\xfe1/1/24, 10:00 - A: hi"), "not UTF-8 text"),
+    ("discord", lambda p: write_slack(p, zipped=True), "use `chimein import slack`"),
+    ("irc", lambda p: write_slack(p, zipped=True), "use `chimein import slack`"),
     ("matrix", lambda p: p / "missing.json", "no such file or folder"),
     ("telegram", write_matrix, "unknown format 'telegram'; one of: matrix, slack, discord, irc, whatsapp"),
 ])
