@@ -3,7 +3,7 @@
     chimein --help
 """
 
-from chimein.cli import data, importing, model, evaluation, knowledge, stack  # noqa: F401, I001 — they add their commands, in this order
+from chimein.cli import data, importing, model, evaluation, knowledge, stack, bridge  # noqa: F401, I001 — they add their commands, in this order
 from chimein.cli.common import app
 
 __all__ = ["app"]
