@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from chimein.data.generation_config import GenerationSettings, load_generation_config
 from chimein.paths import PublishTarget
 from flows.naming import typed_name_or
-from tasks.data import build_and_publish_dataset, generate_conversations
+from tasks.data import add_feedback, build_and_publish_dataset, check_feedback, generate_conversations
 
 
 class GenerateParams(BaseModel):
@@ -41,8 +41,11 @@ def run_name() -> str:
 @flow(name="generate", flow_run_name=run_name)
 def generate(params: GenerateParams = GenerateParams()) -> str:
     config = load_generation_config(**params.generation.model_dump())
+    check_feedback(config.feedback)
     conversations = generate_conversations.with_options(refresh_cache=params.refresh)(
         config, params.data_dir, fresh=params.refresh)
+    if config.feedback:  # the recorded rooms, beside the generated conversations
+        conversations = add_feedback(conversations, config.feedback)
     dataset = build_and_publish_dataset.with_options(refresh_cache=params.refresh)(
         conversations, params.publish_dataset)
     get_run_logger().info(f"{conversations} → {dataset}")

@@ -41,7 +41,7 @@ from chimein.presets import DEFAULT_PRESET, PresetName
 from chimein.train.config import TrainConfig, load_train_config, preflight
 from flows.generate import GenerateParams
 from flows.naming import typed_name_or
-from tasks.data import build_and_publish_dataset, generate_conversations
+from tasks.data import add_feedback, build_and_publish_dataset, check_feedback, generate_conversations
 from tasks.model import (
     evaluate_adapter,
     evaluate_grounded,
@@ -161,6 +161,7 @@ def retrain(params: RetrainParams = RetrainParams(), parent_run_id: SkipJsonSche
                                      output_dir=params.output_dir,
                                      **{"trainer.max_steps": params.max_steps or None, "trainer.processes": params.processes})
     preset = preflight(train_config, params.allow_cpu)
+    check_feedback(params.generation.feedback)  # a folder that is not there stops the run before any work
     if params.knowledge:  # the group's documents: indexed now, so a bad folder stops the run before any work
         train_config = train_config.model_copy(update={"knowledge": index_knowledge(params.knowledge)})
 
@@ -173,6 +174,8 @@ def retrain(params: RetrainParams = RetrainParams(), parent_run_id: SkipJsonSche
     gen_config = load_generation_config(**generation)
     conversations = generate_conversations.with_options(refresh_cache=params.refresh)(
         gen_config, params.data_dir, fresh=params.refresh)
+    if params.generation.feedback:  # the recorded rooms, beside the generated conversations
+        conversations = add_feedback(conversations, params.generation.feedback)
     dataset = build_and_publish_dataset.with_options(refresh_cache=params.refresh)(
         conversations, params.publish_dataset)
 

@@ -152,3 +152,31 @@ def build_and_publish_dataset(data: str, publish: str = "local", test_fraction: 
          "silence_ratio": round(info.silence_ratio, 3), "source": info.source,
          "location": info.location}])
     return info.location
+
+
+def check_feedback(feedback: str) -> None:
+    """The feedback setting names a folder of recordings (or nothing): said before any work."""
+    if feedback and not Path(feedback).is_dir():
+        raise ValueError(f"feedback: no recordings folder {feedback} on this worker. Give the folder that "
+                         "`chimein bridge matrix --record-dir` writes (rooms that said /chimein record on), or "
+                         "leave the setting empty")
+
+
+@task
+def add_feedback(conversations: str, feedback: str) -> str:
+    """The generated conversations with the recorded rooms' (chimein.data.feedback.merge_feedback):
+    what each source gave and the feedback's labels in the log and as a table artifact."""
+    from chimein.data.dataset import sources_of
+    from chimein.data.feedback import merge_feedback
+
+    merged = merge_feedback(conversations, feedback)
+    meta = sources_of(merged)
+    fb = meta["feedback"]
+    labels = ", ".join(f"{k} {n}" for k, n in fb["labels"].items()) or "none"
+    skipped = ", ".join(f"{k} {n}" for k, n in fb["skipped"].items()) or "none"
+    get_run_logger().info(f"feedback from {fb['rooms']} recorded room(s) in {feedback}: "
+                          f"{meta['sources']['feedback']} conversations (labels: {labels}; skipped: {skipped}); "
+                          + ", ".join(f"{k} {n}" for k, n in meta["sources"].items()))
+    create_table_artifact(key="data-sources", description=f"conversations per source in {merged.name}",
+                          table=[{"source": k, "conversations": n} for k, n in meta["sources"].items()])
+    return str(merged)

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from chimein.conversation import Conversation, load_conversations
@@ -43,6 +43,10 @@ class DatasetInfo:
     prompt: str
     rejected: int
     location: str = ""
+    # conversations per source (e.g. {"offline": 300, "feedback": 12}) and the feedback's labels,
+    # when the data merged several (chimein.data.feedback.merge_feedback)
+    sources: dict[str, int] = field(default_factory=dict)
+    feedback: dict = field(default_factory=dict)
 
     @property
     def silence_ratio(self) -> float:
@@ -89,8 +93,17 @@ def content_version(train_rows: dict, test_rows: dict, validation_rows: dict) ->
     return "ds-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _lineage(data: Path) -> dict:
-    """Source, model and prompt from the generation ledger beside the data, if there is one."""
+def sources_of(data: Path) -> dict:
+    """What merge_feedback says of a merged file (FILE.sources.json), else {}."""
+    sidecar = data.with_name(data.name + ".sources.json")
+    return json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
+
+
+def lineage(data: Path) -> dict:
+    """Source, model and prompt from the generation ledger beside the data (or, for a merged
+    file, beside what it was merged from), if there is one."""
+    if origin := sources_of(data).get("lineage"):
+        return origin
     ledger = data.with_name(data.name + ".ledger")
     if ledger.is_file():
         with ledger.open(encoding="utf-8") as f:
@@ -120,7 +133,10 @@ def build_dataset(data: str | Path, test_fraction: float = 0.1, seed: int = 0,
     convs = report.conversations
     info = DatasetInfo(version=version, train=len(train), test=len(test), validation=len(validation),
                        user_turns=sum(c.n_user for c in convs), speak=sum(c.n_speak for c in convs),
-                       rejected=len(report.rejected), **_lineage(data))
+                       rejected=len(report.rejected), **lineage(data))
+    merged = sources_of(data)
+    if merged:
+        info.sources, info.feedback = merged["sources"], merged.get("feedback", {})
     return ds, info
 
 
@@ -150,7 +166,9 @@ of an assistant message after a user message.
 | user messages | {info.user_turns} |
 | assistant speaks / stays silent | {info.speak} / {info.user_turns - info.speak} ({info.silence_ratio:.0%} silence) |
 | rejected while building | {info.rejected} |
-"""
+""" + (f"| sources | {' · '.join(f'{k} {n}' for k, n in info.sources.items())} |\n" if info.sources else "") + (
+        f"| feedback labels (recorded rooms) | {', '.join(f'{k} {n}' for k, n in info.feedback.get('labels', {}).items()) or 'none'} |\n"
+        if info.feedback else "")
 
 
 class DamagedDataset(RuntimeError):

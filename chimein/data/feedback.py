@@ -221,3 +221,30 @@ def _chunks(labelled: list[tuple[int, dict]]) -> list[list[dict]]:
                 continue
         cur.append(m)
     return [c for c in chunks if any(m["role"] == "user" for m in c)]
+
+
+def merge_feedback(generated: str | Path, feedback_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """The generated conversations followed by the recorded rooms' (load_feedback), in one JSON
+    Lines file beside `generated` (or in `out_dir`), named by both contents. `FILE.sources.json`
+    beside it says how many came from each source, the feedback's labels and skipped lines, and
+    the generated part's lineage; the dataset build reads it (dataset card, MLflow input)."""
+    from chimein.data.dataset import lineage
+
+    generated = Path(generated)
+    report = load_feedback(feedback_dir)
+    gen_lines = [line for line in generated.read_text(encoding="utf-8").splitlines() if line.strip()]
+    fb_lines = [json.dumps(c.to_json(), ensure_ascii=False) for c in report.conversations]
+    digest = hashlib.sha256("\n".join(fb_lines).encode()).hexdigest()[:12]
+    out = Path(out_dir or generated.parent) / f"{generated.stem}+feedback-{digest}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".part")
+    tmp.write_text("".join(line + "\n" for line in gen_lines + fb_lines), encoding="utf-8")
+    origin = lineage(generated)
+    sidecar = {"sources": {origin["source"]: len(gen_lines), "feedback": len(fb_lines)},
+               "feedback": {"folder": str(Path(feedback_dir).resolve()), "rooms": report.rooms,
+                            "labels": dict(report.labels), "skipped": dict(report.skipped)},
+               "lineage": origin}
+    out.with_name(out.name + ".sources.json").write_text(json.dumps(sidecar, indent=2, ensure_ascii=False),
+                                                         encoding="utf-8")
+    tmp.replace(out)
+    return out

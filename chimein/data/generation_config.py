@@ -46,6 +46,11 @@ class GenerationSettings(BaseModel):
                             "with passages of its documents, so the model learns to answer from them "
                             "(chimein.data.grounded). 0 (default): none; 0.1 doubled the small CPU model's "
                             "right answers from documents but cost 0.02-0.045 of its benchmark decisions.")
+    feedback: str = Field("", title="Feedback from live chats", description="A folder of recordings that "
+                          "`chimein bridge matrix` made in rooms that agreed to it (--record-dir): its conversations, "
+                          "labelled by how the rooms answered the assistant, are added to the generated ones "
+                          "(chimein.data.feedback). The dataset card and the MLflow run count each source. "
+                          "Empty: none.")
     model: str = Field("", title="Generator model", description="The model that writes the "
                        "conversations. Empty: the source's default (openai: "
                        f"{DEFAULT_MODELS['openai']}, replicate: {DEFAULT_MODELS['replicate']}).")
@@ -55,7 +60,7 @@ class GenerationSettings(BaseModel):
         "REPLICATE_BASE_URL, else the provider's)."
     )
 
-    @field_validator("model", "base_url", mode="before")
+    @field_validator("model", "base_url", "feedback", mode="before")
     @classmethod
     def _none_is_empty(cls, v):
         return "" if v is None else v  # configs and API callers written before the fields had defaults

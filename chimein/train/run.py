@@ -199,6 +199,19 @@ def start_or_resume_run(client, cfg: TrainConfig, data: TokenizedData, ds, plan:
     return run
 
 
+def dataset_sources(ref: str, version: str) -> dict[str, int]:
+    """Conversations per source of a local dataset version that merged several (its info.json),
+    else {}."""
+    import json
+
+    from chimein.paths import store_dir
+
+    info = store_dir() / "datasets" / version / "info.json"
+    if ref.startswith("hub:") or not info.is_file():
+        return {}
+    return json.loads(info.read_text(encoding="utf-8")).get("sources") or {}
+
+
 def log_run_start(client, run_id: str, cfg: TrainConfig, data: TokenizedData, plan: RunPlan,
                   counts: dict[str, int]) -> None:
     """Everything known before training, once per run: params, tags, the dataset as the run's
@@ -217,7 +230,10 @@ def log_run_start(client, run_id: str, cfg: TrainConfig, data: TokenizedData, pl
                          "chimein.device": plan.device,
                          "chimein.compute_dtype": str(plan.dtype).removeprefix("torch.")})
         source = cfg.dataset if cfg.dataset.startswith("hub:") else str(store_dir() / "datasets" / version)
-        tracking.log_dataset(client, run_id, version, source, counts)
+        sources = dataset_sources(cfg.dataset, version)  # {"offline": 300, "feedback": 12} when merged
+        tracking.log_dataset(client, run_id, version, source, counts | {f"source:{k}": n for k, n in sources.items()})
+        if sources:
+            mlflow.log_metrics({f"data.source.{k}": n for k, n in sources.items()})
         mlflow.log_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), "config/train.yaml")
         mlflow.log_text(yaml.safe_dump(preset.model_dump(), sort_keys=False), "config/model.yaml")
         mlflow.log_text(EXAMPLES_LEGEND + "\n\n".join(data.examples) + "\n", "examples.txt")

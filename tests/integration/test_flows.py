@@ -50,6 +50,7 @@ def flow_env(tmp_path) -> dict:
 
 
 def test_retrain_flow_end_to_end_and_cached(tmp_path):
+    from chimein.data.feedback import Recorder
     from chimein.evaluate.benchmark import load_benchmark
     from chimein.evaluate.grounded import load_grounded
     from chimein.evaluate.metrics import REPLY_METRICS
@@ -59,9 +60,15 @@ def test_retrain_flow_end_to_end_and_cached(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "handbook.md").write_text(HANDBOOK, encoding="utf-8")
+    recordings = tmp_path / "recordings"  # what `chimein bridge matrix` recorded in a room that agreed
+    rec = Recorder(recordings)
+    rec.message("!r:hs", "$1", 1_790_000_000_000, "Ann", "what time is the match on saturday?")
+    rec.message("!r:hs", "$2", 1_790_000_001_000, "chimein", "It starts at 3pm.", assistant=True)
+    rec.reaction("!r:hs", "$3", 1_790_000_002_000, "$2", "👍")
     with FakeLLM("openai") as fake:
         params = {"preset": "tiny-chatml", "train_config": None, "max_steps": 2, "heldout_limit": 1,
-                  "generation": {"source": "openai", "count": 10, "base_url": fake.base_url},
+                  "generation": {"source": "openai", "count": 10, "base_url": fake.base_url,
+                                 "feedback": str(recordings)},
                   "knowledge": str(docs)}
         first = run_retrain(params, tmp_path, env)
         calls = len(fake.requests)
@@ -104,6 +111,12 @@ def test_retrain_flow_end_to_end_and_cached(tmp_path):
     # the group's documents: indexed by the run and named in the adapter's chimein.json
     meta = json.loads(Path(client.download_artifacts(first["run_id"], "adapter/chimein.json", str(tmp_path))).read_text())
     assert meta["knowledge"] == str(docs.resolve()) and (docs / ".chimein-index" / "manifest.json").is_file()
+    # both sources of the data: on the run (metrics and the dataset input's profile) and in the dataset card
+    assert run.data.metrics["data.source.openai"] == 10 and run.data.metrics["data.source.feedback"] == 1
+    [given] = run.inputs.dataset_inputs
+    assert json.loads(given.dataset.profile)["source:feedback"] == 1
+    card = (tmp_path / "store" / "datasets" / first["dataset"].removeprefix("local:") / "README.md").read_text()
+    assert "| sources | openai 10 · feedback 1 |" in card and "confirmed 1" in card
     # and the grounded benchmark, scored with its own documents
     assert run.data.tags["grounded.fingerprint"] == load_grounded().fingerprint == first["grounded_fingerprint"]
     assert run.data.metrics["grounded.answered_turns"] == 31 and 0 <= run.data.metrics["grounded.answered_accuracy"] <= 1

@@ -90,3 +90,24 @@ def test_old_recordings_are_deleted_and_a_room_can_be_forgotten(tmp_path):
 def test_no_recordings_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="/chimein record on"):
         load_feedback(tmp_path / "nothing")
+
+
+def test_a_dataset_with_feedback_counts_each_source(tmp_path, monkeypatch):
+    from chimein.data.dataset import build_dataset, dataset_card
+    from chimein.data.feedback import merge_feedback
+    from chimein.data.generation import generate
+    from chimein.data.generation_config import load_generation_config
+
+    generated = tmp_path / "conversations.jsonl"
+    generate(load_generation_config(source="offline", count=6), generated)
+    record(tmp_path, [("message", "$1", T0, "Ann", "when does the pool open?"),
+                      ("message", "$2", T0 + 1, "chimein", "At 9.", True),
+                      ("reaction", "$3", T0 + 2, "$2", "✅")])
+    merged = merge_feedback(generated, tmp_path / "rec")
+    _, info = build_dataset(merged)
+    assert info.sources == {"offline": 6, "feedback": 1} and info.source == "offline"  # lineage kept
+    assert info.feedback["labels"] == {"confirmed": 1} and info.feedback["rooms"] == 1
+    card = dataset_card(info)
+    assert "| sources | offline 6 · feedback 1 |" in card and "confirmed 1" in card
+    _, plain = build_dataset(generated)
+    assert plain.sources == {} and "| sources |" not in dataset_card(plain)
