@@ -42,12 +42,12 @@ def offline_version() -> str:
     is new data: a new generation file and dataset version, never a resumed or cached old one."""
     import inspect
 
-    from chimein.data import grounded
+    from chimein.data import grounded, noise
 
     h = hashlib.sha256()
     for path in sorted(CORPUS_DIR.glob("*.jsonl")):
         h.update(path.name.encode() + b"\0" + path.read_bytes())
-    for source in (inspect.getsource(augment), inspect.getsource(grounded)):
+    for source in (inspect.getsource(augment), inspect.getsource(grounded), inspect.getsource(noise)):
         h.update(source.encode())
     return h.hexdigest()[:16]
 

@@ -46,6 +46,10 @@ class GenerationSettings(BaseModel):
                             "with passages of its documents, so the model learns to answer from them "
                             "(chimein.data.grounded). 0 (default): none; 0.1 doubled the small CPU model's "
                             "right answers from documents but cost 0.02-0.045 of its benchmark decisions.")
+    noise: float = Field(0.0, ge=0, le=1, title="Share of noisy chats", description="offline: this share of "
+                         "the conversations gets the noise of real chats at silent turns: questions to a person "
+                         "by nickname and their answer, other bots' commands, links and pasted logs, one-word "
+                         "lines from newcomers (chimein.data.noise). 0: none.")
     feedback: str = Field("", title="Feedback from live chats", description="A folder of recordings that "
                           "`chimein bridge matrix` made in rooms that agreed to it (--record-dir): its conversations, "
                           "labelled by how the rooms answered the assistant, are added to the generated ones "
@@ -91,7 +95,7 @@ class GenerationConfig(GenerationSettings):
 
     def fingerprint(self) -> str:
         """What must match for a resumed run to continue the same sequence of requests."""
-        keys = ("source", "seed", "grounded", "prompt", "topics", "names", "group_size", "turns", "temperature",
+        keys = ("source", "seed", "grounded", "noise", "prompt", "topics", "names", "group_size", "turns", "temperature",
                 "max_tokens")
         data = {k: getattr(self, k) for k in keys} | {"model": self.model_id,
                                                        "prompt_text": prompt_template(self.prompt)}

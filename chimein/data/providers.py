@@ -117,6 +117,7 @@ def replicate_source(cfg: GenerationConfig) -> Callable[[str, RequestSpec], Comp
 def offline_source(cfg: GenerationConfig) -> Callable[[str, RequestSpec], Completion]:
     from chimein.data.corpus import augment, load_corpus
     from chimein.data.grounded import grounded_chat
+    from chimein.data.noise import add_noise
 
     corpus = load_corpus()
     # originals first (in a seeded order), then augmented variants of them; a grounded chat in
@@ -131,6 +132,8 @@ def offline_source(cfg: GenerationConfig) -> Callable[[str, RequestSpec], Comple
             k = spec.index - grounded_before
             base = corpus[order[k % len(corpus)]]
             conv = base if k < len(corpus) else augment(base, spec, cfg.names)
+            if cfg.noise and random.Random(spec.seed ^ 0x6E6F6973).random() < cfg.noise:
+                conv = add_noise(conv, spec.seed)
         return Completion(json.dumps(conv.to_json(), ensure_ascii=False))
 
     return complete
