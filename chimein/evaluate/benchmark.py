@@ -41,6 +41,13 @@ CASES = {
     "addressed": "the assistant is addressed (many forms)",
     "missing_fact": "a fact nobody asked for but everyone needs",
     "small_talk": "small talk",
+    # realistic noise (issue 23): the shape of real support channels and busy groups
+    "support_channel": "a support channel: people answer each other's questions",
+    "many_people": "six or more participants",
+    "threads": "several threads of talk interleaved",
+    "bot_commands": "commands for other bots (!seen, /giphy, /签到) and their replies",
+    "nick_address": 'a question aimed at a person by nickname ("nick: …", "@nick …", "Nick, …")',
+    "pasted_noise": "links, pasted logs, error lines and code",
 }
 
 
