@@ -75,3 +75,34 @@ def import_cmd(
     write_conversations(result.conversations, out)
     console.print(f"wrote {out}; measure the assistant on it: chimein eval --adapter REF --data {out}",
                   highlight=False, soft_wrap=True)
+
+
+@app.command("feedback")
+def feedback_cmd(
+    folder: Annotated[Path, typer.Argument(help="The recordings folder of `chimein bridge matrix` (--record-dir).")],
+    out: Annotated[Optional[Path], typer.Option(help="Write the labelled conversations to this JSON Lines file.")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite --out if it exists.")] = False,
+) -> None:
+    """What the rooms that agreed to be recorded taught: the labels their reactions gave (interruption,
+    missed, confirmed, unrated) and the conversations the retrain flow's feedback setting adds."""
+    from chimein.data.feedback import load_feedback
+
+    if out and out.exists() and not force:
+        fail(f"{out} exists; pass --force to overwrite it, or --out another file")
+    try:
+        report = load_feedback(folder)
+    except FileNotFoundError as e:
+        fail(str(e))
+    table = Table("", "count", title=f"feedback recorded in {folder}")
+    table.add_row("rooms", str(report.rooms))
+    table.add_row("conversations", str(len(report.conversations)))
+    for label in ("interruption", "missed", "confirmed", "unrated"):
+        table.add_row(f"label: {label}", str(report.labels.get(label, 0)))
+    for reason, n in report.skipped.most_common():
+        table.add_row(f"skipped: {reason}", str(n))
+    console.print(table)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_conversations(report.conversations, out)
+        console.print(f"wrote {out}; measure the assistant on it: chimein eval --adapter REF --data {out}",
+                      highlight=False, soft_wrap=True)

@@ -111,3 +111,21 @@ def test_a_dataset_with_feedback_counts_each_source(tmp_path, monkeypatch):
     assert "| sources | offline 6 · feedback 1 |" in card and "confirmed 1" in card
     _, plain = build_dataset(generated)
     assert plain.sources == {} and "| sources |" not in dataset_card(plain)
+
+
+def test_the_feedback_command_reports_the_labels_and_writes_the_conversations(tmp_path):
+    from typer.testing import CliRunner
+
+    from chimein.cli import app
+
+    record(tmp_path, [("message", "$1", T0, "Ann", "anyone up for chess?"),
+                      ("message", "$2", T0 + 1, "chimein", "Chess was invented in India.", True),
+                      ("reaction", "$3", T0 + 2, "$2", "👎")])
+    out = tmp_path / "fb.jsonl"
+    res = CliRunner().invoke(app, ["feedback", str(tmp_path / "rec"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "label: interruption" in res.output and "│ 1" in res.output
+    [conv] = load_conversations(out).conversations
+    assert conv.n_speak == 0 and conv.n_user == 1  # the interruption became silence
+    again = CliRunner().invoke(app, ["feedback", str(tmp_path / "rec"), "--out", str(out)])
+    assert again.exit_code != 0 and "--force" in again.output
