@@ -389,7 +389,7 @@ def _localpart(user_id: str) -> str:
     return user_id.removeprefix("@").split(":", 1)[0]
 
 
-def _strip_reply_fallback(body: str) -> str:
+def strip_reply_fallback(body: str) -> str:
     """'> <@x:y> quoted\\n> more\\n\\nreply' → 'reply' (the quote a client adds to a rich reply)."""
     if not body.startswith("> <"):
         return body
@@ -435,7 +435,7 @@ def _matrix(path: Path, skipped: Counter) -> list[list[ChatMessage]]:
         elif kind == "m.sticker" or msgtype not in ("m.text", "m.notice", "m.emote") \
                 or not isinstance(body, str):
             skip = "media"
-        text = _strip_reply_fallback(body) if isinstance(body, str) else ""
+        text = strip_reply_fallback(body) if isinstance(body, str) else ""
         if msgtype == "m.emote" and text.strip():
             text = f"*{text.strip()}*"
         ts = e.get("origin_server_ts")

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from chimein.conversation import InvalidConversation, parse_conversation
 from chimein.data.feedback import Recorder
+from chimein.data.importers import strip_reply_fallback
 from chimein.runtime.assistant import GroupChatAssistant
 from chimein.runtime.batcher import Batcher
 from chimein.runtime.store import ConversationStore
@@ -66,17 +67,6 @@ def room_threshold(level: str, threshold: float) -> float | None:
     if level == "chatty":
         return threshold / 2
     return None
-
-
-def strip_reply_fallback(body: str) -> str:
-    """A rich reply's body without the quoted fallback ("> <@ann:hs> …" lines, a blank line)."""
-    if not body.startswith("> "):
-        return body
-    lines = body.split("\n")
-    i = 0
-    while i < len(lines) and lines[i].startswith(">"):
-        i += 1
-    return "\n".join(lines[i:]).lstrip("\n") or body
 
 
 def txn_id(event_id: str) -> str:

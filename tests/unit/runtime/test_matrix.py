@@ -7,7 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from chimein.cli import app
-from chimein.runtime.matrix import BridgeState, room_threshold, strip_reply_fallback, txn_id
+from chimein.data.importers import strip_reply_fallback
+from chimein.runtime.matrix import BridgeState, room_threshold, txn_id
 
 
 def test_a_room_level_moves_the_threshold_towards_silence_or_speech():
@@ -21,7 +22,7 @@ def test_a_rich_reply_is_read_without_its_quoted_fallback():
     body = "> <@ann:hs> when is the match?\n> on sunday?\n\nat 3pm I think"
     assert strip_reply_fallback(body) == "at 3pm I think"
     assert strip_reply_fallback("no quote here") == "no quote here"
-    assert strip_reply_fallback("> only a quote") == "> only a quote"  # nothing else: kept as said
+    assert strip_reply_fallback("> not a reply, a quote") == "> not a reply, a quote"  # no "> <@…>": kept
 
 
 def test_the_reply_to_an_event_has_one_transaction_id():
