@@ -334,8 +334,8 @@ def test_offline_corpus_is_curated():
 def test_offline_generation_is_deterministic_and_augments_beyond_the_corpus(tmp_path):
     n = len(load_corpus()) + 40
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    sa = generate(load_generation_config(count=n, grounded=0), a)
-    generate(load_generation_config(count=n, grounded=0), b)
+    sa = generate(load_generation_config(count=n, grounded=0, noise=0), a)
+    generate(load_generation_config(count=n, grounded=0, noise=0), b)
     assert sa.accepted == n and a.read_text() == b.read_text()
     convs = load_conversations(a).conversations
     originals = {json.dumps(c.to_json()) for c in load_corpus()}
@@ -353,9 +353,9 @@ def test_offline_source_mixes_in_grounded_chats_at_their_share(tmp_path):
     """grounded=0.2: every fifth conversation is a grounded chat (its messages carry passages),
     the rest come from the corpus in the same order as without them; deterministic."""
     a, b, plain = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "plain.jsonl"
-    generate(load_generation_config(count=20, grounded=0.2), a)
-    generate(load_generation_config(count=20, grounded=0.2), b)
-    generate(load_generation_config(count=16, grounded=0), plain)
+    generate(load_generation_config(count=20, grounded=0.2, noise=0), a)
+    generate(load_generation_config(count=20, grounded=0.2, noise=0), b)
+    generate(load_generation_config(count=16, grounded=0, noise=0), plain)
     assert a.read_text() == b.read_text()
     convs = load_conversations(a).conversations
     grounded = [i for i, c in enumerate(convs) if any(m.passages for m in c.messages)]

@@ -39,10 +39,10 @@ def test_the_offline_source_adds_noise_to_its_share_of_chats(tmp_path):
     from chimein.data.generation_config import load_generation_config
 
     plain, noisy = tmp_path / "plain.jsonl", tmp_path / "noisy.jsonl"
-    generate(load_generation_config(source="offline", count=80), plain)
+    generate(load_generation_config(source="offline", count=80, noise=0.0), plain)
     cfg = load_generation_config(source="offline", count=80, noise=0.5)
     generate(cfg, noisy)
-    assert cfg.fingerprint() != load_generation_config(source="offline", count=80).fingerprint()
+    assert cfg.fingerprint() != load_generation_config(source="offline", count=80, noise=0.0).fingerprint()
     a, b = (load_conversations(p).conversations for p in (plain, noisy))
     changed = sum(x != y for x, y in zip(a, b))
     assert 25 <= changed <= 55  # about half
