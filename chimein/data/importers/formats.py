@@ -265,5 +265,4 @@ def _discord(path: Path, skipped: Counter) -> list[list[ChatMessage]]:
     return streams
 
 
-
 PARSERS = {"matrix": _matrix, "discord": _discord, "irc": _irc, "whatsapp": _whatsapp}
