@@ -237,6 +237,12 @@ class MatrixBridge:
                     resp = sync.result()
                 except (OSError, asyncio.TimeoutError) as e:  # the homeserver is down or restarting
                     resp = e
+                if getattr(resp, "status_code", None) == "M_UNKNOWN_TOKEN" and self.state.access_token:
+                    # the saved login was logged out (or the account's password changed): log in afresh
+                    log.warning("the saved login is no longer valid: logging in again")
+                    self.state.access_token = self.state.device_id = ""
+                    await self.login()
+                    continue
                 if not isinstance(resp, SyncResponse):
                     log.warning(f"sync failed ({getattr(resp, 'message', None) or resp!r}); again in {delay:.0f} s")
                     await self._sleep(delay)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.synapse import Synapse
+from tests.integration.synapse import Account, Synapse
 
 pytest.importorskip("synapse")
 pytest.importorskip("nio")
@@ -148,6 +148,8 @@ def test_the_bot_in_a_room_on_a_real_homeserver(tmp_path):
             # killed and restarted: what was answered is not answered again (not even when the
             # crash lost the state file's record of it); what came while it was down is answered once
             bot.kill()
+            # ... and its saved login was logged out meanwhile: it logs in again by itself
+            hs.api(Account(bot_account.user_id, json.loads(before_crash)["access_token"], ""), "POST", "/logout", {})
             state.write_text(before_crash)
             missed = hs.send(ann, room, text("@chimein are you back? what is 12 * 7?", bot_account.user_id))
             bot.start()
@@ -189,6 +191,7 @@ def test_the_bot_in_a_room_on_a_real_homeserver(tmp_path):
                                  stop_recording}  # silence on small talk
         assert all(len(r) == 1 for r in answered.values()), {k: len(r) for k, r in answered.items()}
         assert "429" in log or "ratelimited" in log.lower()  # the rate limit was hit, and waited out
+        assert "logging in again" in log
 
         from chimein.data.feedback import load_feedback
 
