@@ -34,12 +34,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
-import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from chimein.conversation import InvalidConversation, parse_conversation
@@ -47,6 +45,7 @@ from chimein.data.feedback import Recorder
 from chimein.data.importers import strip_reply_fallback
 from chimein.runtime.assistant import GroupChatAssistant
 from chimein.runtime.batcher import Batcher
+from chimein.runtime.bridge_state import HANDLED_KEPT, BridgeState
 from chimein.runtime.store import ConversationStore
 
 log = logging.getLogger("chimein.matrix")
@@ -55,7 +54,6 @@ log = logging.getLogger("chimein.matrix")
 # (it speaks only when surer), chatty halves t
 LEVELS = ("quiet", "normal", "chatty")
 COMMAND = re.compile(r"^\s*[/!]chimein\b\s*(\S*)", re.IGNORECASE)
-HANDLED_KEPT = 2000  # event ids remembered as handled (a sync never holds more than this)
 MAX_MESSAGES = 400  # a conversation longer than this keeps its last half (the model reads a window anyway)
 EVENT_TEXT_KEPT = 500  # recent messages kept to start a thread's conversation with its root
 
@@ -73,38 +71,6 @@ def txn_id(event_id: str) -> str:
     """The transaction id of the reply to `event_id`: the same on every try, so the homeserver
     keeps one message however often the send is retried under the same login."""
     return "chimein-" + hashlib.sha256(event_id.encode()).hexdigest()[:32]
-
-
-@dataclass
-class BridgeState:
-    """What the bridge keeps across restarts (a JSON file, readable by its owner only): its login,
-    the sync token, the events it handled, and each room's settings."""
-
-    user_id: str = ""
-    device_id: str = ""
-    access_token: str = ""
-    next_batch: str | None = None
-    handled: list[str] = field(default_factory=list)
-    rooms: dict[str, dict] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, path: Path) -> BridgeState:
-        if not path.exists():
-            return cls()
-        try:
-            raw = json.loads(path.read_text())
-            return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"the bridge's state file {path} is not readable ({e}); move it away to start "
-                             "afresh (the bridge then logs in again and reads the rooms' backlog)") from None
-
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self) | {"handled": self.handled[-HANDLED_KEPT:]}, f)
-        os.replace(tmp, path)
 
 
 @dataclass
