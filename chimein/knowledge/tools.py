@@ -192,11 +192,19 @@ def _places() -> dict[str, str]:
     return places
 
 
+@functools.cache
+def _place_patterns() -> tuple[tuple[str, re.Pattern, str], ...]:
+    """(name, its pattern, its zone) for every place: compiled once, not per message (~500 of
+    them overflowed `re`'s cache, so every message compiled them all again)."""
+    return tuple((place, re.compile(r"(?<![a-z])" + re.escape(place) + r"(?![a-z])"), zone)
+                 for place, zone in _places().items())
+
+
 def _mentioned_places(text: str) -> list[str]:
     low, found = text.lower(), []
-    for place, zone in _places().items():
-        for m in re.finditer(r"(?<![a-z])" + re.escape(place) + r"(?![a-z])", low):
-            found.append((m.start(), zone))
+    for place, pattern, zone in _place_patterns():
+        if place in low:  # the pattern only where the name is
+            found += [(m.start(), zone) for m in pattern.finditer(low)]
     return [zone for _, zone in sorted(found)]
 
 

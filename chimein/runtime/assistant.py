@@ -349,8 +349,12 @@ class GroupChatAssistant:
         if st.cache is not None and n < len(st.fed):
             st.cache.crop(n - len(st.fed))  # transformers 5: a negative count of tokens to drop
         new = torch.tensor([ids[n:]], device=self.model.device)
-        with torch.no_grad():  # logits of the last position only: all of them would be [n, vocab]
-            out = self.model(input_ids=new, cache=st.cache, use_cache=True, logits_to_keep=1)
+        # logits of the last position only (all of them would be [n, vocab]), asked by index: as
+        # logits_to_keep=1, an adapter's output layer ran as a batched product over a copy of its
+        # whole matrix in bf16 on a CPU, half of a several-token pass (benchmarks/decision_latency.py)
+        last = torch.tensor([len(ids) - n - 1], device=self.model.device)
+        with torch.no_grad():
+            out = self.model(input_ids=new, cache=st.cache, use_cache=True, logits_to_keep=last)
         st.cache, st.fed, st.last_logits = out.cache, list(ids), out.logits[0, -1]
 
     def _decide(self, branches: Branches | None = None) -> tuple[Decision, Branches]:

@@ -38,7 +38,7 @@ from chimein.train import distributed
 from chimein.train.calibration import calibrate_chattiness, calibrate_confidence
 from chimein.train.config import TrainConfig, flat_params
 from chimein.train.rows import TokenizedData, tokenize_train_split
-from chimein.train.trainer import apply_lora, build_trainer, loss_guard, sft_args
+from chimein.train.trainer import apply_lora, build_trainer, compiled_layers, loss_guard, sft_args
 
 # --- the run --------------------------------------------------------------------------------------
 
@@ -97,7 +97,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, callbac
         trainer = build_trainer(cfg, model, tokenizer, train_dataset(cfg, data), args, plan.dtype, callbacks=[
             *([tracking.mlflow_logger(client, run_id)] if main else []),
             loss_guard(cfg.trainer.collapse_patience, str(plan.dtype)), *callbacks])
-        result = trainer.train(resume_from_checkpoint=plan.checkpoint)
+        with compiled_layers(trainer.model, cfg.trainer.compile):
+            result = trainer.train(resume_from_checkpoint=plan.checkpoint)
         if not main:
             return None
         # 5. adapter, with its chattiness and confidence thresholds
@@ -145,9 +146,10 @@ def plan_run(cfg: TrainConfig, preset: ModelPreset, version: str, resume: bool) 
     import torch
     from transformers.trainer_utils import get_last_checkpoint
 
-    # the number of processes is not a setting: the global batch is the same on any number
+    # the number of processes is not a setting (the global batch is the same on any number), nor
+    # is compiling (the same steps, faster)
     settings = json.dumps(cfg.model_dump(exclude={"output_dir": True, "dataset": True, "model": True,
-                                                  "trainer": {"processes"}}), sort_keys=True)
+                                                  "trainer": {"processes", "compile"}}), sort_keys=True)
     name = f"{preset.name}--{version}--{hashlib.sha256(settings.encode()).hexdigest()[:6]}"
     out_dir = Path(cfg.output_dir) / name
     if not resume and out_dir.exists():

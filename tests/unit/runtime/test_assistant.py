@@ -471,3 +471,38 @@ def test_an_adapter_brings_the_documents_it_was_trained_for(tiny_adapter, tmp_pa
     with caplog.at_level("WARNING", logger="chimein"):
         assert GroupChatAssistant.from_adapter(str(adapter)).knowledge is None
     assert f"names the group's documents {docs}, which is not a folder here" in caplog.text
+
+
+def test_feeding_several_tokens_multiplies_the_output_matrix_as_a_plain_product():
+    """Feeding several tokens (a reply's prompt, a history given at once) keeps the last
+    position's logits. Asked as `logits_to_keep=1`, an adapter's model (its output layer frozen)
+    slices the hidden states and torch runs the output layer as a batched product over the whole
+    vocabulary x hidden matrix expanded, which bf16 on a CPU copies: 70 ms of a 140 ms pass of
+    SmolLM2-135M with its adapter on a Xeon (benchmarks/decision_latency.py). Asked by index, it is
+    a plain matrix product."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    bot = GroupChatAssistant.from_preset("tiny-chatml", max_new_tokens=4)
+    bot.model = get_peft_model(bot.model, LoraConfig(r=4, target_modules=["q_proj"])).eval()
+    bot.model.to(torch.bfloat16)
+    bot.chattiness = 2.0
+    bot.add("Alice", "hi all, who is around tonight?")
+    vocab = bot.model.get_output_embeddings().weight.shape[0]
+
+    class Batched(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.over_vocab = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.bmm.default and args[1].shape[-1] == vocab:
+                self.over_vocab += 1
+            return func(*args, **(kwargs or {}))
+
+    ids = bot.tokenizer("Bob: and what about tomorrow morning?", add_special_tokens=False).input_ids
+    with Batched() as batched:
+        bot._feed(bot.state.fed + ids)
+    assert len(ids) > 1 and bot.state.last_logits.shape == (vocab,)
+    assert batched.over_vocab == 0, "the output layer ran as a batched product over the expanded matrix"
