@@ -235,20 +235,33 @@ def progress_log(log, every_s: float = 10.0):
 
     class ProgressLog(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            self.start, self.first_step = time.monotonic(), state.global_step
-            self.first_tokens, self.reported = state.num_input_tokens_seen, -math.inf
+            self.start = time.monotonic()
+            self.first_tokens, self.reported, self.base = state.num_input_tokens_seen, -math.inf, None
             if state.global_step:  # the Trainer has loaded the checkpoint's state
                 log.info(f"resumed from checkpoint-{state.global_step}: step {state.global_step} of "
                          f"{state.max_steps} done, {state.max_steps - state.global_step} to go")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             loss, now = (logs or {}).get("loss"), time.monotonic()
-            if loss is None or (now - self.reported < every_s and state.global_step < state.max_steps):
+            if loss is None:
+                return
+            if self.base is None:  # the first step carries the warm-up (compiling the layers: ~30 s
+                # on 2 cores): speed and ETA are measured from its end, not from the start
+                self.base = (now, state.global_step, state.num_input_tokens_seen)
+                elapsed = now - self.start
+                rate = (state.num_input_tokens_seen - self.first_tokens) / elapsed if elapsed > 0 else 0.0
+                self.reported = now
+                log.info(f"step {state.global_step}/{state.max_steps}  loss {loss:.4f}  {rate:,.0f} tokens/s  "
+                         f"(first step {elapsed:.0f} s, with the warm-up)  ETA "
+                         f"{duration(0.0) if state.global_step >= state.max_steps else 'after the next steps'}")
+                return
+            if now - self.reported < every_s and state.global_step < state.max_steps:
                 return
             self.reported = now
-            elapsed, done = now - self.start, state.global_step - self.first_step
-            rate = (state.num_input_tokens_seen - self.first_tokens) / elapsed if elapsed > 0 else 0.0
-            eta = elapsed / done * (state.max_steps - state.global_step) if done else math.nan
+            t0, step0, tokens0 = self.base
+            done = state.global_step - step0
+            rate = (state.num_input_tokens_seen - tokens0) / (now - t0) if now > t0 else 0.0
+            eta = (now - t0) / done * (state.max_steps - state.global_step) if done else math.nan
             log.info(f"step {state.global_step}/{state.max_steps}  loss {loss:.4f}  "
                      f"{rate:,.0f} tokens/s  ETA {duration(eta)}")
 

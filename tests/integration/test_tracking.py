@@ -208,6 +208,30 @@ def test_progress_log_reports_at_most_every_interval_and_the_last_step():
     assert records[1].endswith("ETA 0m00s")
 
 
+def test_progress_log_measures_speed_and_eta_after_the_first_steps_warm_up(monkeypatch):
+    """The first step carries the warm-up (compiling the decoder layers: ~30 s on 2 cores, where
+    a step takes ~3 s): an ETA extrapolated from it said 1h10m for a 6-minute training."""
+    from chimein.train import trainer
+    from chimein.train.trainer import progress_log
+
+    clock = iter([0.0, 40.0, 43.0, 46.0, 49.0])  # train begins, then steps 1-4 (the first slow)
+    monkeypatch.setattr(trainer.time, "monotonic", lambda: next(clock))
+    records = []
+    log = logging.getLogger("test-progress-warm-up")
+    log.addHandler(handler := logging.Handler())
+    handler.emit = lambda record: records.append(record.getMessage())
+    log.setLevel(logging.INFO)
+    callback = progress_log(log, every_s=0)
+    state = SimpleNamespace(global_step=0, max_steps=10, num_input_tokens_seen=0)
+    callback.on_train_begin(None, state, None)
+    for step in (1, 2, 3, 4):
+        state.global_step, state.num_input_tokens_seen = step, 300 * step
+        callback.on_log(None, state, None, logs={"loss": 1.0})
+    assert "first step 40 s, with the warm-up" in records[0] and "8 tokens/s" in records[0]
+    assert records[-1].startswith("step 4/10") and "100 tokens/s" in records[-1]
+    assert records[-1].endswith("ETA 0m18s")  # 6 steps to go at 3 s each, not at (49 / 4) s
+
+
 def test_eval_scores_the_responders_replies_and_reports_its_cost(trained, tmp_path, monkeypatch):
     """`chimein eval --responder`: the fine-tuned adapter decides, a (fake) OpenAI-compatible
     endpoint writes each reply, and the report counts its calls, tokens and seconds."""
