@@ -24,8 +24,9 @@ assets: setup
 
 # the main job on the embedded default: the retrain flow (Prefect without a server) — offline
 # generation → versioned dataset → LoRA training of SmolLM2 on the CPU (conf/train/offline-cpu.yaml,
-# ~7 min) with a calibrated threshold → the shipped benchmark (decides promotion) and 8 held-out
-# chats → adapter → MLflow (./mlflow.db) and its champion. ~8 min on 2 idle cores.
+# ~6 min, its layers compiled first) with a calibrated threshold → the shipped benchmark (decides
+# promotion), the held-out split and the grounded chats → adapter → MLflow (./mlflow.db) and its
+# champion. ~9.5 min on 2 idle cores of an Intel Xeon (README: how long `make run` takes).
 run: assets
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python flows/retrain.py
 

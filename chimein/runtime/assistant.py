@@ -12,11 +12,11 @@ The decision takes one forward pass: the new message's tokens and the few diverg
 "(silence)" and "(response)" continuations are fed together over the kept KV cache, each
 continuation attending only to the conversation and itself (a tree-shaped attention mask); they
 are then cropped from the cache, and p_speak is the response's share of their probability.
-Generation runs only when the assistant speaks. The KV cache of the conversation so far is kept,
-so a new message costs its own tokens: the runtime renders and tokenizes the whole conversation
-once per message (a few ms) and feeds the model only what differs from what it has already seen,
-rolling the cache back where a boundary tokenized differently. The ids fed are therefore exactly
-those of rendering the whole conversation with the chat template.
+Generation runs only when the assistant speaks. The KV cache of the conversation so far is kept, so a new
+message costs its own tokens: the runtime renders and tokenizes the whole conversation once per message (a few
+ms) and feeds the model only what differs from what it has already seen, rolling the cache back where a
+boundary tokenized differently. The ids fed are therefore exactly those of rendering the whole conversation
+with the chat template.
 """
 
 from __future__ import annotations
@@ -348,13 +348,10 @@ class GroupChatAssistant:
             n -= 1
         if st.cache is not None and n < len(st.fed):
             st.cache.crop(n - len(st.fed))  # transformers 5: a negative count of tokens to drop
-        new = torch.tensor([ids[n:]], device=self.model.device)
-        # logits of the last position only (all of them would be [n, vocab]), asked by index: as
-        # logits_to_keep=1, an adapter's output layer ran as a batched product over a copy of its
-        # whole matrix in bf16 on a CPU, half of a several-token pass (benchmarks/decision_latency.py)
-        last = torch.tensor([len(ids) - n - 1], device=self.model.device)
-        with torch.no_grad():
-            out = self.model(input_ids=new, cache=st.cache, use_cache=True, logits_to_keep=last)
+        new, last = torch.tensor([ids[n:]], device=self.model.device), torch.tensor([len(ids) - n - 1])
+        # the last position's logits, by index: as =1, an adapter's output matrix was copied in bf16
+        with torch.no_grad():  # (half a pass)
+            out = self.model(input_ids=new, cache=st.cache, use_cache=True, logits_to_keep=last.to(new.device))
         st.cache, st.fed, st.last_logits = out.cache, list(ids), out.logits[0, -1]
 
     def _decide(self, branches: Branches | None = None) -> tuple[Decision, Branches]:
@@ -398,9 +395,8 @@ class GroupChatAssistant:
                         prompt_tokens=prompt_tokens)
 
     def _generate(self, branches: Branches) -> tuple[str, int, float]:
-        """Greedy reply after the "(response)" prefix, until the end-of-turn token; with the
-        number of tokens generated and its confidence (the lowest probability the model gave one of
-        its first CONFIDENCE_TOKENS tokens)."""
+        """Greedy reply after the "(response)" prefix, until the end-of-turn token; with the number of
+        tokens generated and its confidence (the lowest probability of its first CONFIDENCE_TOKENS)."""
         import torch
 
         context, _, resp = branches

@@ -188,14 +188,19 @@ def test_eval_prefixes():
         ["bench", "heldout", "heldout", "file"]
 
 
-def test_progress_log_reports_at_most_every_interval_and_the_last_step():
-    from chimein.train.trainer import progress_log
-
+def _recorded_log(name: str) -> tuple[logging.Logger, list[str]]:
     records = []
-    log = logging.getLogger("test-progress")
+    log = logging.getLogger(name)
     log.addHandler(handler := logging.Handler())
     handler.emit = lambda record: records.append(record.getMessage())
     log.setLevel(logging.INFO)
+    return log, records
+
+
+def test_progress_log_reports_at_most_every_interval_and_the_last_step():
+    from chimein.train.trainer import progress_log
+
+    log, records = _recorded_log("test-progress")
     callback = progress_log(log, every_s=3600)
     state = SimpleNamespace(global_step=0, max_steps=4, num_input_tokens_seen=0)
     callback.on_train_begin(None, state, None)
@@ -216,11 +221,7 @@ def test_progress_log_measures_speed_and_eta_after_the_first_steps_warm_up(monke
 
     clock = iter([0.0, 40.0, 43.0, 46.0, 49.0])  # train begins, then steps 1-4 (the first slow)
     monkeypatch.setattr(trainer.time, "monotonic", lambda: next(clock))
-    records = []
-    log = logging.getLogger("test-progress-warm-up")
-    log.addHandler(handler := logging.Handler())
-    handler.emit = lambda record: records.append(record.getMessage())
-    log.setLevel(logging.INFO)
+    log, records = _recorded_log("test-progress-warm-up")
     callback = progress_log(log, every_s=0)
     state = SimpleNamespace(global_step=0, max_steps=10, num_input_tokens_seen=0)
     callback.on_train_begin(None, state, None)
