@@ -81,3 +81,25 @@ def test_compiling_is_not_part_of_the_run_identity(workdir):  # noqa: F811 — t
     assert names["off"] == names["layers"]
     other = plan_run(tiny_config(**{"trainer.learning_rate": 5e-4}), preset, "ds-x", resume=True).name
     assert other != names["off"]
+
+
+def test_train_cli_sets_compiling_and_refuses_an_unknown_value(workdir, monkeypatch):  # noqa: F811 — the fixture
+    from typer.testing import CliRunner
+
+    from chimein.cli import app
+    from chimein.train import launch
+
+    seen = []
+
+    def record(cfg, **kwargs):
+        seen.append(cfg.trainer.compile)
+        raise ValueError("stopped by the test before training")
+
+    monkeypatch.setattr(launch, "train", record)
+    args = ["train", "--preset", "tiny-chatml", "--dataset", "chats.jsonl", "--config", "offline-cpu"]
+    r = CliRunner().invoke(app, args + ["--compile", "off"])
+    assert "stopped by the test" in r.output and seen == ["off"]
+    r = CliRunner().invoke(app, args)
+    assert seen == ["off", "layers"]  # offline-cpu's own setting
+    r = CliRunner().invoke(app, args + ["--compile", "sometimes"])
+    assert r.exit_code != 0 and "compile" in r.output and "'layers'" in r.output and len(seen) == 2
